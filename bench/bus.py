@@ -1,0 +1,842 @@
+#!/usr/bin/env python
+"""Bus benchmark: the Palisade runtime against a raw aio-pika worker, same broker, same queue type.
+
+(a) raw: a worker process that consumes a command from a quorum queue, publishes an
+    event with a publisher confirm (mandatory, persistent), then acks. No database.
+(b) palisade: a worker process running `WorkerRuntime` with the probe worker's types and
+    migrations (tests/backbone/probe.py) and a handler that does what the issue measures:
+    inbox insert, one state-row update, the event (and the command's audit record)
+    through the outbox and its relay. The handler touches only the database, so the worker
+    group-commits (WorkerSpec.group_commit, as the lifecycle worker does): messages the broker
+    hands over together share one transaction; `--per-message` measures one transaction per
+    message. (The probe's own handler also reads its failure switch and writes an effect row,
+    for the tests; `--probe-handler` measures that one.)
+
+Both workers run in their own process (the load generator does not share their event
+loop), with the runtime's prefetch, and are driven over stdin (`resume`/`pause`/`stop`).
+
+Throughput: N commands are published (with confirms) into the worker's queue while its
+consumer is cancelled; then the consumer is started and the time until the N-th event
+reached a collector queue is measured. That is the worker's drain rate: the load
+generator does nothing but count events meanwhile.
+
+Latency: commands are published at a steady 0.5 x the measured (b) throughput for a few
+seconds; each command's `n` maps to its send time, each event carries the same `n`, so
+latency = command publish -> event received by the collector.
+
+Run from the repository root:  .venv/bin/python bench/bus.py [--count 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+EVENTS_SRC = REPO / "libs" / "events" / "src"
+SCRIPT = Path(__file__).resolve()
+sys.path[:0] = [p for p in (str(REPO), str(EVENTS_SRC)) if p not in sys.path]
+
+import aio_pika  # noqa: E402
+import asyncpg  # noqa: E402
+import uvloop  # noqa: E402  (both workers on the loop `palisade run` uses)
+from aio_pika.abc import (  # noqa: E402
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    DeliveryMode,
+)
+
+from palisade_events import Context, RuntimeSettings, WorkerRuntime, new_envelope  # noqa: E402
+from palisade_events.db import schema_name  # noqa: E402
+from palisade_events.messages import encode  # noqa: E402
+from palisade_events.topology import (  # noqa: E402
+    COMMANDS_EXCHANGE,
+    EVENTS_EXCHANGE,
+    dead_queue,
+    declare_exchanges,
+    retry_queue,
+    work_queue,
+)
+from tests.backbone.probe import probe_spec, probe_types  # noqa: E402
+
+DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/palisade_bench"
+RATIO_TARGET = 0.5
+P99_TARGET_MS = 25.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# =====================================================================  workers (child processes)
+
+
+async def _control_loop(
+    handlers: dict[str, Callable[[], Awaitable[str]]],
+) -> None:
+    """Read one command per line from stdin, answer `ok <command> [detail]` on stdout."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    print("ready", flush=True)
+    while line := await reader.readline():
+        cmd, _, arg = line.decode().strip().partition(" ")
+        if cmd == "stop":
+            return
+        if cmd == "cpu":
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            print(f"ok cpu {ru.ru_utime + ru.ru_stime:.4f}", flush=True)
+            continue
+        if cmd == "profile":
+            detail = _profile(arg)
+            print(f"ok profile {detail}", flush=True)
+            continue
+        handler = handlers.get(cmd)
+        if handler is None:
+            print(f"error unknown command {cmd!r}", flush=True)
+            continue
+        print(f"ok {cmd} {await handler()}", flush=True)
+
+
+_profiler: Any = None
+
+
+def _profile(arg: str) -> str:
+    """`profile on` starts cProfile in the worker; `profile <path>` stops it and dumps the stats."""
+    global _profiler
+    import cProfile
+
+    if arg == "on":
+        _profiler = cProfile.Profile()
+        _profiler.enable()
+        return "on"
+    if _profiler is not None:
+        _profiler.disable()
+        _profiler.dump_stats(arg)
+        _profiler = None
+    return arg
+
+
+def one_state_row_update(types: Any) -> Callable[[Any, Context[None]], Awaitable[None]]:
+    async def on_command(cmd: Any, ctx: Context[None]) -> None:
+        # The state row of the command's service, as a real worker's handler updates it.
+        await ctx.db.execute(
+            "INSERT INTO service_state (service_id, handled) VALUES ($1, 1)"
+            " ON CONFLICT (service_id) DO UPDATE SET handled = service_state.handled + 1",
+            ctx.service_id or "",
+        )
+        await ctx.emit(types.ProbeDone(n=cmd.n))
+
+    return on_command
+
+
+async def palisade_worker(
+    name: str, amqp_url: str, database_url: str, *, probe_handler: bool = False, group_commit: bool = True
+) -> None:
+    """The probe worker under the real runtime, started with its consumer cancelled."""
+    spec, types = probe_spec(name)
+    if not probe_handler:
+        spec = dataclasses.replace(spec, handlers={**spec.handlers, types.ProbeCommand: one_state_row_update(types)})
+    # Its handler only touches the database, like the lifecycle worker's, which group-commits too.
+    spec = dataclasses.replace(spec, group_commit=group_commit)
+    # Everything else (prefetch, pool size, outbox batch) comes from PALISADE_* or the defaults.
+    settings = RuntimeSettings(amqp_url=amqp_url, database_url=database_url, metrics_port=0)
+    rt = WorkerRuntime(spec, settings)
+    await rt.start(consume=False)
+
+    async def resume() -> str:
+        await rt.resume()
+        return ""
+
+    async def pause() -> str:
+        await rt.pause()
+        return ""
+
+    try:
+        await _control_loop({"resume": resume, "pause": pause})
+    finally:
+        await rt.stop()
+
+
+async def raw_worker(name: str, amqp_url: str, prefetch: int) -> None:
+    """Consume a command, publish an event with a confirm, ack. Nothing else."""
+    cmd_key = probe_types(name).ProbeCommand.routing_key()
+    event_key = probe_types(name).ProbeDone.routing_key()
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        pub = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        events = await pub.get_exchange(EVENTS_EXCHANGE, ensure=False)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        await declare_exchanges(channel)
+        queue = await channel.declare_queue(work_queue(name), durable=True, arguments={"x-queue-type": "quorum"})
+        await queue.bind(COMMANDS_EXCHANGE, cmd_key)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            event = aio_pika.Message(
+                message.body,  # the envelope carries `n`, which is all the collector reads
+                message_id=str(uuid.uuid4()),
+                type="ProbeDone",
+                correlation_id=message.message_id,
+                content_type="application/json",
+                delivery_mode=DeliveryMode.PERSISTENT,
+                headers={},
+            )
+            await events.publish(event, event_key, mandatory=True, timeout=10)
+            await message.ack()
+
+        tag: list[str] = []
+
+        async def resume() -> str:
+            if not tag:
+                tag.append(await queue.consume(on_message, no_ack=False))
+            return ""
+
+        async def pause() -> str:
+            if tag:
+                await queue.cancel(tag.pop())
+            return ""
+
+        await _control_loop({"resume": resume, "pause": pause})
+    finally:
+        await connection.close()
+
+
+# =====================================================================  the load generator
+
+
+class WorkerProc:
+    """A worker child process driven over its stdin/stdout."""
+
+    def __init__(self, kind: str, name: str, args: argparse.Namespace) -> None:
+        self.kind = kind
+        self.name = name
+        self._args = args
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 60.0) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(EVENTS_SRC), os.environ.get("PYTHONPATH", "")]),
+            "PALISADE_LOG_LEVEL": os.environ.get("PALISADE_LOG_LEVEL", "WARNING"),
+        }
+        cmd = [
+            sys.executable,
+            str(SCRIPT),
+            "--worker",
+            self.kind,
+            "--name",
+            self.name,
+            "--amqp-url",
+            self._args.amqp_url,
+            "--database-url",
+            self._args.database_url,
+            "--prefetch",
+            str(self._args.prefetch),
+            *(["--probe-handler"] if self._args.probe_handler else []),
+            *(["--per-message"] if self._args.per_message else []),
+        ]
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=REPO
+        )
+        line = await asyncio.wait_for(self._readline(), timeout)
+        if line != "ready":
+            raise RuntimeError(f"{self.kind} worker did not start: {line!r}")
+
+    async def _readline(self) -> str:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        raw = await self.proc.stdout.readline()
+        if not raw:
+            raise RuntimeError(f"{self.kind} worker exited (code {await self.proc.wait()})")
+        return raw.decode().strip()
+
+    async def call(self, command: str, timeout: float = 30.0) -> str:
+        assert self.proc is not None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{command}\n".encode())
+        await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self._readline(), timeout)
+        verb = command.split(" ", 1)[0]
+        if not line.startswith(f"ok {verb}"):
+            raise RuntimeError(f"{self.kind} worker: {command!r} -> {line!r}")
+        return line[len(f"ok {verb}") :].strip()
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"stop\n")
+            await self.proc.stdin.drain()
+            self.proc.stdin.close()
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+@dataclass
+class Collector:
+    """Counts events by `n` as they arrive and keeps their arrival time."""
+
+    arrived: dict[int, float] = field(default_factory=dict)
+    expected: set[int] = field(default_factory=set)
+    duplicates: int = 0
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def expect(self, ns: Sequence[int]) -> None:
+        self.expected = set(ns)
+        self.arrived = {}
+        self.duplicates = 0
+        self._done = asyncio.Event()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        now = time.perf_counter()
+        n = json.loads(message.body)["payload"]["n"]
+        if n not in self.expected:
+            return
+        if n in self.arrived:
+            self.duplicates += 1
+            return
+        self.arrived[n] = now
+        if len(self.arrived) == len(self.expected):
+            self._done.set()
+
+    async def wait(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._done.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+GROUPS = ("worker", "postgres", "rabbitmq", "bench")
+
+
+@dataclass
+class CpuSample:
+    wall: float
+    machine_busy: int  # jiffies, all CPUs
+    procs: dict[int, tuple[str, int]]  # pid -> (group, jiffies)
+
+    def per_group(self, later: CpuSample) -> dict[str, int]:
+        """Jiffies used per group between this sample and `later`, over processes alive in both."""
+        out = dict.fromkeys(GROUPS, 0)
+        for pid, (group, jiffies) in later.procs.items():
+            before = self.procs.get(pid)
+            if before is not None:
+                out[group] += jiffies - before[1]
+        return out
+
+
+def _proc_jiffies(pid: int) -> tuple[str, int] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode()
+    except OSError:
+        return None
+    comm = data[data.index("(") + 1 : data.rindex(")")]
+    fields = data[data.rindex(")") + 2 :].split()
+    return comm, int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def cpu_sample(worker_pid: int) -> CpuSample:
+    """CPU time so far of the worker, this process, PostgreSQL and RabbitMQ (from /proc)."""
+    wall, busy = _machine_busy()
+    me = os.getpid()
+    procs: dict[int, tuple[str, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        got = _proc_jiffies(pid)
+        if got is None:
+            continue
+        comm, jiffies = got
+        if pid == worker_pid:
+            procs[pid] = ("worker", jiffies)
+        elif pid == me:
+            procs[pid] = ("bench", jiffies)
+        elif comm == "postgres":
+            procs[pid] = ("postgres", jiffies)
+        elif comm in ("beam.smp", "erl_child_setup", "epmd", "inet_gethost"):
+            procs[pid] = ("rabbitmq", jiffies)
+    return CpuSample(wall, busy, procs)
+
+
+def _machine_busy() -> tuple[float, int]:
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    return time.perf_counter(), sum(parts) - parts[3] - parts[4]
+
+
+async def background_busy(quiet: float, window: float = 0.5, patience: float = 120.0) -> float:
+    """Machine CPU use (%) while our workers are idle: what other tenants are doing.
+    With `quiet` > 0, wait (up to `patience` s) until it is below `quiet` %."""
+    deadline = time.perf_counter() + patience
+    while True:
+        t0, b0 = _machine_busy()
+        await asyncio.sleep(window)
+        t1, b1 = _machine_busy()
+        pct = (b1 - b0) / CLK_TCK / ((t1 - t0) * (os.cpu_count() or 1)) * 100
+        if quiet <= 0 or pct < quiet or time.perf_counter() > deadline:
+            return pct
+
+
+@dataclass
+class PgSample:
+    commits: int
+    wal_syncs: int
+
+
+async def pg_sample(database_url: str) -> PgSample | None:
+    try:
+        conn = await asyncpg.connect(database_url)
+    except (OSError, asyncpg.PostgresError):
+        return None
+    try:
+        row = await conn.fetchrow(
+            "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS commits,"
+            " (SELECT wal_sync FROM pg_stat_wal) AS wal_syncs"
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return PgSample(int(row["commits"]), int(row["wal_syncs"]))
+
+
+@dataclass
+class Throughput:
+    count: int
+    seconds: float
+    complete: bool
+    cpu_ms_per_msg: dict[str, float]
+    machine_busy_pct: float
+    background_pct: float
+    pg_commits_per_msg: float | None = None
+    wal_syncs_per_msg: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Latency:
+    rate: float
+    sent: int
+    received: int
+    achieved_rate: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    machine_busy_pct: float
+    worker_cpu_ms_per_msg: float = float("nan")
+    pg_commits_per_msg: float = float("nan")
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+async def _publish_all(exchange: AbstractExchange, routing_key: str, bodies: Sequence[bytes], window: int) -> None:
+    """Publish with confirms, `window` in flight at a time."""
+    sem = asyncio.Semaphore(window)
+
+    async def one(body: bytes) -> None:
+        async with sem:
+            await exchange.publish(_command_message(body), routing_key, mandatory=True, timeout=30)
+
+    await asyncio.gather(*(one(b) for b in bodies))
+
+
+def _command_message(body: bytes) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        message_id=str(uuid.uuid4()),
+        type="ProbeCommand",
+        content_type="application/json",
+        delivery_mode=DeliveryMode.PERSISTENT,
+    )
+
+
+class Driver:
+    """Drives one worker through warm-up, throughput and latency phases."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        kind: str,
+        channel: AbstractChannel,
+        commands: AbstractExchange,
+        counter: list[int],
+    ) -> None:
+        self.args = args
+        self.kind = kind
+        self.name = f"bench-{'raw' if kind == 'raw' else 'rt'}-{uuid.uuid4().hex[:8]}"
+        self.types = probe_types(self.name)
+        self.channel = channel
+        self.commands = commands
+        self.counter = counter
+        self.collector = Collector()
+        self.collector_queue: AbstractQueue | None = None
+        self.collector_tag = ""
+        self.worker = WorkerProc(kind, self.name, args)
+
+    def numbers(self, count: int) -> list[int]:
+        start = self.counter[0]
+        self.counter[0] += count
+        return list(range(start, start + count))
+
+    def body(self, n: int) -> bytes:
+        command: Any = self.types.ProbeCommand
+        # Commands spread over 64 services, each handled in order, as a real worker sees them.
+        return encode(new_envelope(command(n=n), service_id=f"svc-{n % 64}"))
+
+    async def setup(self) -> None:
+        q = await self.channel.declare_queue(f"bench.collector.{self.name}", exclusive=True, auto_delete=True)
+        await q.bind(EVENTS_EXCHANGE, self.types.ProbeDone.routing_key())
+        self.collector_tag = await q.consume(self.collector.on_message, no_ack=True)
+        self.collector_queue = q
+        await self.worker.start()
+
+    async def warm_up(self, count: int) -> None:
+        ns = self.numbers(count)
+        self.collector.expect(ns)
+        await self.worker.call("resume")
+        await _publish_all(self.commands, self.types.ProbeCommand.routing_key(), [self.body(n) for n in ns], 200)
+        if not await self.collector.wait(60):
+            raise RuntimeError(f"{self.kind}: warm-up events missing ({len(self.collector.arrived)}/{count})")
+        await self.worker.call("pause")
+        await asyncio.sleep(0.5)  # let the relay mark its last batch and the broker settle
+
+    async def throughput(self, count: int) -> Throughput:
+        ns = self.numbers(count)
+        bodies = [self.body(n) for n in ns]
+        self.collector.expect(ns)
+        await _publish_all(self.commands, self.types.ProbeCommand.routing_key(), bodies, 500)
+        await asyncio.sleep(0.3)  # publishing is done and confirmed; let the broker go quiet
+        background = await background_busy(self.args.quiet)
+        if self.args.profile:
+            await self.worker.call("profile on")
+        pg0 = await pg_sample(self.args.database_url)
+        cpu0 = cpu_sample(self.worker.pid)
+        t0 = time.perf_counter()
+        await self.worker.call("resume")
+        complete = await self.collector.wait(max(60.0, count / 20))
+        t1 = max(self.collector.arrived.values()) if self.collector.arrived else time.perf_counter()
+        cpu1 = cpu_sample(self.worker.pid)
+        await asyncio.sleep(1.5)  # PostgreSQL backends publish their statistics about once a second
+        pg1 = await pg_sample(self.args.database_url)
+        await self.worker.call("pause")
+        if self.args.profile:
+            path = Path(self.args.profile) / f"{self.kind}.pstats"
+            await self.worker.call(f"profile {path}")
+        got = len(self.collector.arrived)
+        wall = cpu1.wall - cpu0.wall
+        per_msg = {g: j / CLK_TCK * 1000 / max(got, 1) for g, j in cpu0.per_group(cpu1).items()}
+        busy_ms = (cpu1.machine_busy - cpu0.machine_busy) / CLK_TCK * 1000
+        busy = busy_ms / 1000 / (wall * (os.cpu_count() or 1)) * 100
+        per_msg["other"] = max(0.0, busy_ms / max(got, 1) - sum(per_msg.values()))
+        result = Throughput(got, t1 - t0, complete, per_msg, busy, background)
+        if pg0 is not None and pg1 is not None and got:
+            result.pg_commits_per_msg = (pg1.commits - pg0.commits) / got
+            result.wal_syncs_per_msg = (pg1.wal_syncs - pg0.wal_syncs) / got
+        await asyncio.sleep(0.5)
+        return result
+
+    async def latency(self, rate: float, seconds: float) -> Latency:
+        count = max(1, round(rate * seconds))
+        ns = self.numbers(count)
+        bodies = {n: self.body(n) for n in ns}
+        self.collector.expect(ns)
+        sent: dict[int, float] = {}
+        key = self.types.ProbeCommand.routing_key()
+        tasks: set[asyncio.Task[None]] = set()
+        errors: list[BaseException] = []
+
+        async def send(n: int) -> None:
+            sent[n] = time.perf_counter()
+            try:
+                await self.commands.publish(_command_message(bodies[n]), key, mandatory=True, timeout=30)
+            except Exception as exc:  # noqa: BLE001 - counted and reported below
+                errors.append(exc)
+
+        await self.worker.call("resume")
+        await asyncio.sleep(0.2)
+        if self.args.profile:
+            await self.worker.call("profile on")
+        pg0 = await pg_sample(self.args.database_url)
+        cpu0 = cpu_sample(self.worker.pid)
+        _, busy0 = _machine_busy()
+        start = time.perf_counter()
+        i = 0
+        while i < count:
+            now = time.perf_counter()
+            due = min(count, int((now - start) * rate) + 1)
+            while i < due:
+                t = asyncio.create_task(send(ns[i]))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                i += 1
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        last_send, busy1 = _machine_busy()
+        if tasks:
+            await asyncio.gather(*tasks)
+        await self.collector.wait(30)
+        cpu1 = cpu_sample(self.worker.pid)
+        await asyncio.sleep(1.5)  # PostgreSQL backends publish their statistics about once a second
+        pg1 = await pg_sample(self.args.database_url)
+        await self.worker.call("pause")
+        if self.args.profile:
+            await self.worker.call(f"profile {Path(self.args.profile) / f'{self.kind}-latency.pstats'}")
+        if errors:
+            print(f"  warning: {len(errors)} {self.kind} publishes failed, e.g. {errors[0]!r}", file=sys.stderr)
+        series = [
+            (sent[n] - start, (self.collector.arrived[n] - sent[n]) * 1000) for n in ns if n in self.collector.arrived
+        ]
+        if self.args.dump:
+            text = "".join(f"{t:.4f}\t{ms:.3f}\n" for t, ms in series)
+            (Path(self.args.dump) / f"latency-{self.kind}.tsv").write_text(text)
+        lat = sorted(ms for _, ms in series)
+        return Latency(
+            rate=rate,
+            sent=count,
+            received=len(lat),
+            achieved_rate=count / (last_send - start) if last_send > start else rate,
+            p50_ms=percentile(lat, 50),
+            p90_ms=percentile(lat, 90),
+            p99_ms=percentile(lat, 99),
+            max_ms=lat[-1] if lat else float("nan"),
+            machine_busy_pct=(busy1 - busy0) / CLK_TCK / ((last_send - start) * (os.cpu_count() or 1)) * 100,
+            worker_cpu_ms_per_msg=cpu0.per_group(cpu1).get("worker", 0) / CLK_TCK * 1000 / max(len(lat), 1),
+            pg_commits_per_msg=(pg1.commits - pg0.commits) / max(len(lat), 1) if pg0 and pg1 else float("nan"),
+        )
+
+    async def cleanup(self, channel: AbstractChannel) -> None:
+        await self.worker.stop()
+        if self.collector_queue is not None and self.collector_tag:
+            with contextlib.suppress(Exception):
+                await self.collector_queue.cancel(self.collector_tag)
+        names = [work_queue(self.name), dead_queue(self.name)]
+        if self.kind == "palisade":
+            names += [retry_queue(self.name, d) for d in RuntimeSettings().retry_delays]
+        if self.collector_queue is not None:
+            names.append(self.collector_queue.name)
+        for q in names:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(q)
+        if self.kind == "palisade":
+            conn = await asyncpg.connect(self.args.database_url)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema_name(self.name)}" CASCADE')
+            finally:
+                await conn.close()
+
+
+# =====================================================================  report
+
+
+def _fmt_tp(label: str, tp: Throughput) -> str:
+    cpu = tp.cpu_ms_per_msg
+    flag = "" if tp.complete else "  (INCOMPLETE)"
+    pg = ""
+    if tp.pg_commits_per_msg is not None and tp.wal_syncs_per_msg is not None and tp.pg_commits_per_msg > 0.01:
+        pg = f"  [PG per msg: {tp.pg_commits_per_msg:.2f} commits, {tp.wal_syncs_per_msg:.2f} WAL syncs]"
+    return (
+        f"  {label:<22} {tp.rate:7.0f} msg/s {tp.seconds:7.2f} s   busy {tp.machine_busy_pct:3.0f}% "
+        f"(before {tp.background_pct:3.0f}%)  "
+        f"{cpu['worker']:6.3f} {cpu['postgres']:6.3f} {cpu['rabbitmq']:6.3f} {cpu['bench']:6.3f} {cpu['other']:5.3f}"
+        f"{pg}{flag}"
+    )
+
+
+def _fmt_lat(label: str, lat: Latency) -> str:
+    return (
+        f"  {label:<22} {lat.achieved_rate:7.0f} msg/s  {lat.received:>6}/{lat.sent:<6} "
+        f"p50 {lat.p50_ms:6.1f} ms  p90 {lat.p90_ms:6.1f} ms  p99 {lat.p99_ms:6.1f} ms  max {lat.max_ms:6.1f} ms  "
+        f"(machine {lat.machine_busy_pct:.0f}% busy; worker {lat.worker_cpu_ms_per_msg:.3f} ms CPU"
+        f", PG {lat.pg_commits_per_msg:.2f} commits per msg)"
+    )
+
+
+async def server_versions(args: argparse.Namespace) -> tuple[str, str]:
+    rabbit = "?"
+    with contextlib.suppress(Exception):
+        conn = await aio_pika.connect(args.amqp_url)
+        props: Any = conn.transport.connection.server_properties if conn.transport else {}
+        version = props.get("version", "?")
+        rabbit = version.decode() if isinstance(version, bytes) else str(version)
+        await conn.close()
+    pg = "?"
+    with contextlib.suppress(Exception):
+        c = await asyncpg.connect(args.database_url.rsplit("/", 1)[0] + "/postgres")
+        pg = str(await c.fetchval("SHOW server_version"))
+        await c.close()
+    return rabbit, pg
+
+
+async def bench(args: argparse.Namespace) -> int:
+    rabbit_version, pg_version = await server_versions(args)
+    print(
+        f"Palisade bus benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"RabbitMQ {rabbit_version}, PostgreSQL {pg_version}"
+    )
+    print(
+        f"  work queues: quorum; prefetch {args.prefetch} (RuntimeSettings().prefetch); "
+        f"group commit {'off (--per-message)' if args.per_message else 'on'}; "
+        f"N = {args.count} commands; warm-up {args.warmup}; database {args.database_url.rsplit('/', 1)[-1]}"
+    )
+    print(
+        "  throughput = N commands published with confirms while the worker's consumer is cancelled,\n"
+        "               then basic.consume; time until the N-th event reached the collector queue\n"
+        "               (the worker's drain rate: the load generator only counts events meanwhile)."
+    )
+    sys.stdout.flush()
+    connection = await aio_pika.connect_robust(args.amqp_url)
+    counter = [1]
+    drivers: list[Driver] = []
+    tp_raw: Throughput | None = None
+    lat_raw: Latency | None = None
+    try:
+        pub = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = await connection.channel()
+        await declare_exchanges(channel)
+        commands = await pub.get_exchange(COMMANDS_EXCHANGE, ensure=False)
+        raw = Driver(args, "raw", channel, commands, counter)
+        rt = Driver(args, "palisade", channel, commands, counter)
+        drivers = [rt] if args.palisade_only else [raw, rt]
+        for d in drivers:
+            await d.setup()
+        for d in drivers:
+            await d.warm_up(args.warmup)
+        if not args.palisade_only:
+            tp_raw = await raw.throughput(args.count)
+        tp_rt = await rt.throughput(args.count)
+        rate = args.rate or 0.5 * tp_rt.rate
+        lat_rt = await rt.latency(rate, args.seconds)
+        if not args.palisade_only and not args.no_raw_latency:
+            lat_raw = await raw.latency(rate, args.seconds)
+    finally:
+        for d in drivers:
+            try:
+                await d.cleanup(channel)
+            except Exception as exc:  # noqa: BLE001 - cleanup is best effort
+                print(f"cleanup of {d.name} failed: {exc!r}", file=sys.stderr)
+        await connection.close()
+
+    print()
+    print(f"Throughput (drain of a backlog){'CPU ms per message':>60}")
+    print(
+        f"  {'':<22} {'rate':>13} {'time':>9}   {'machine CPU':<24}  "
+        f"{'worker':>6} {'pgsql':>6} {'rabbit':>6} {'bench':>6} {'other':>5}"
+    )
+    if tp_raw is not None:
+        print(_fmt_tp("(a) raw aio-pika", tp_raw))
+    print(_fmt_tp("(b) palisade runtime", tp_rt))
+    ratio = tp_rt.rate / tp_raw.rate if tp_raw is not None and tp_raw.rate else float("nan")
+    print(f"  ratio b/a {ratio:.2f}")
+    print(
+        "  (busy = machine CPU use during the run, before = while the workers were idle just before it,\n"
+        "   i.e. other tenants; other = machine CPU not in the four columns: kernel, softirq, other processes)"
+    )
+    print()
+    print(f"Latency, command publish -> event at the collector, steady {rate:.0f} msg/s for {args.seconds:g} s")
+    print(_fmt_lat("(b) palisade runtime", lat_rt))
+    if lat_raw is not None:
+        print(_fmt_lat("(a) raw, same rate", lat_raw))
+    print()
+    if tp_raw is not None:
+        ok_ratio = ratio >= RATIO_TARGET and tp_raw.complete and tp_rt.complete
+        verdict = "TARGET MET" if ok_ratio else "TARGET MISSED"
+        print(f"{verdict}: throughput ratio b/a = {ratio:.2f} (target >= {RATIO_TARGET})")
+    ok_p99 = lat_rt.p99_ms <= P99_TARGET_MS and lat_rt.received == lat_rt.sent
+    verdict = "TARGET MET" if ok_p99 else "TARGET MISSED"
+    print(f"{verdict}: (b) p99 latency at half its maximum = {lat_rt.p99_ms:.1f} ms (target <= {P99_TARGET_MS:g} ms)")
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--count", type=int, default=5000, help="commands per throughput run (default 5000)")
+    p.add_argument("--warmup", type=int, default=500, help="commands through each worker before measuring")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the latency run (default 10 s)")
+    p.add_argument("--rate", type=float, default=0.0, help="latency run rate; default 0.5 x (b) throughput")
+    p.add_argument("--palisade-only", action="store_true", help="measure (b) only (runtime experiments)")
+    p.add_argument("--no-raw-latency", action="store_true", help="skip the reference latency run of (a)")
+    p.add_argument("--amqp-url", default=os.environ.get("PALISADE_AMQP_URL", DEFAULT_AMQP))
+    p.add_argument("--database-url", default=os.environ.get("PALISADE_BENCH_DATABASE_URL", DEFAULT_DB))
+    p.add_argument("--prefetch", type=int, default=RuntimeSettings().prefetch, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=0.0,
+        metavar="PCT",
+        help="before each throughput run wait (up to 2 min) until other load on the machine is below PCT %%",
+    )
+    p.add_argument("--dump", metavar="DIR", help="write each latency run's (send time, latency) pairs into DIR")
+    p.add_argument(
+        "--profile", metavar="DIR", help="cProfile each worker's runs into DIR/<kind>.pstats, DIR/<kind>-latency.pstats"
+    )
+    p.add_argument(
+        "--per-message",
+        action="store_true",
+        help="(b) without group commit: one transaction per message (WorkerSpec.group_commit=False)",
+    )
+    p.add_argument(
+        "--probe-handler",
+        action="store_true",
+        help="(b) runs the test probe's handler (failure switch read + effect row + state row)",
+    )
+    p.add_argument("--worker", choices=("raw", "palisade"), help=argparse.SUPPRESS)
+    p.add_argument("--name", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker == "palisade":
+        uvloop.run(
+            palisade_worker(
+                args.name,
+                args.amqp_url,
+                args.database_url,
+                probe_handler=args.probe_handler,
+                group_commit=not args.per_message,
+            )
+        )
+        return 0
+    if args.worker == "raw":
+        uvloop.run(raw_worker(args.name, args.amqp_url, args.prefetch))
+        return 0
+    return asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Palisade's lifecycle worker: termination protection and the backup grace period."""

@@ -1,0 +1,1 @@
+"""Palisade's sshkeys worker: the SSH keys allowed on a service's VM."""

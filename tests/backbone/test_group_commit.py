@@ -1,0 +1,70 @@
+"""Group commit (WorkerSpec.group_commit) through the probe worker, the real broker and database."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from palisade_events.topology import AUDIT_EXCHANGE, EVENTS_EXCHANGE
+from tests.backbone.probe import probe_spec
+from tests.backbone.test_runtime import effects
+from tests.fixtures import unique
+
+
+def committed_together(worker: str) -> float:
+    """Messages the worker committed in batches of two or more (palisade_group_commit_messages)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("palisade_group_commit_messages_sum", {"worker": worker}) or 0.0
+
+
+async def paused_group_committer(run_worker, collect):  # type: ignore[no-untyped-def]
+    """A probe worker with group commit, its events and audit collected, its consumer paused:
+    what is published now becomes a backlog the broker hands over a prefetch at a time."""
+    spec, t = probe_spec(unique("probe"))
+    spec = dataclasses.replace(spec, group_commit=True)
+    events = await collect(EVENTS_EXCHANGE, f"{spec.name}.ProbeDone")
+    audit = await collect(AUDIT_EXCHANGE, f"{spec.name}.#")
+    rt = await run_worker(spec)
+    await rt.pause()
+    return rt, t, events, audit
+
+
+async def test_a_backlog_is_committed_in_batches_each_effect_once(run_worker, client, collect):
+    rt, t, events, audit = await paused_group_committer(run_worker, collect)
+    sent = [await client.publish(t.ProbeCommand(n=i), service_id=f"svc-{i % 50}") for i in range(300)]
+    again = client.envelope(t.ProbeCommand(n=300), service_id="svc-0")
+    await client.publisher.publish(again)
+    await client.publisher.publish(again)  # a redelivery, quite possibly in the same batch
+    await rt.resume()
+
+    done = await events.wait_for(301, timeout=30)
+    await audit.wait_for(301, timeout=30)
+    assert sorted(d.json()["payload"]["n"] for d in done) == list(range(301))
+    assert await effects(rt) == 301
+    for env in [*sent, again]:
+        assert await effects(rt, env.message_id) == 1
+    assert committed_together(rt.name) >= 2, "no two messages were ever committed together"
+    assert rt.handled == 301
+    # One service's messages still in order: its events left in the order its commands came.
+    for s in range(50):
+        ns = [d.json()["payload"]["n"] for d in done if d.json()["service_id"] == f"svc-{s}"]
+        assert ns == sorted(ns), s
+
+
+async def test_a_rejection_rolls_its_batch_back_and_every_message_is_handled_alone(run_worker, client, collect):
+    rt, t, events, audit = await paused_group_committer(run_worker, collect)
+    rejected = {i for i in range(120) if i % 7 == 3}
+    for i in range(120):
+        await client.publish(t.ProbeCommand(n=i, reject=i in rejected), service_id=f"svc-{i % 40}")
+    await rt.resume()
+
+    records = await audit.wait_for(120, timeout=30)
+    done = await events.wait_for(120, timeout=30)
+    outcomes = sorted(r.json()["outcome"] for r in records)
+    assert outcomes == sorted(["rejected"] * len(rejected) + ["accepted"] * (120 - len(rejected)))
+    # The rejected ones left their rejection event (n = -1) and no effect; every other one exactly one.
+    assert sorted(d.json()["payload"]["n"] for d in done) == sorted(
+        [-1] * len(rejected) + [i for i in range(120) if i not in rejected]
+    )
+    assert await effects(rt) == 120 - len(rejected)
+    assert rt.handled == 120
