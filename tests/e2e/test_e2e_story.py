@@ -259,7 +259,7 @@ async def story(
             await workers.start(name, env)
         events = await collect(EVENTS_EXCHANGE, "#")
         audit = await collect(AUDIT_EXCHANGE, "#")
-        tag = uuid.uuid4().hex[:6]
+        tag = uuid.uuid4().hex[:8]  # never a six-digit token the secrets scan could take for a code
         services = [
             SimulatedService(f"e2e-wp-{tag}", f"wp-{tag}", "wordpress", vm_a.address, vm_a.address, vm_a.port,
                              vm_a.host_key),

@@ -103,7 +103,9 @@ class Harness:
         """A service on `vm` whose hostname resolves to it; waits until its first certificate
         is served (or, with port 80 closed first, until its hostname is blocked)."""
         service_id = f"svc-{uuid.uuid4().hex[:10]}"
-        name = f"redis-{uuid.uuid4().hex[:6]}"
+        # Eight characters: a six-hex label is all digits one time in sixteen, and the session's
+        # secrets scan would then take it for an MFA code that happens to have the same digits.
+        name = f"redis-{uuid.uuid4().hex[:8]}"
         hostname = f"{name}-u76.{PLATFORM_DOMAIN}"
         await self.ca.dns.add_a(hostname, vm.address)
         if port_80_open is not None:
