@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 import stat
 from datetime import UTC, datetime, timedelta
@@ -358,3 +359,25 @@ def test_code_email_is_plain_text_with_an_html_alternative() -> None:
     assert "042917" in html.get_content()
     assert "Palisade &lt;Cloud&gt;" in html.get_content()
     assert "<Cloud>" not in html.get_content()
+
+
+def test_the_shared_keyring_derives_the_keys_mfa_always_used() -> None:
+    """MFA's keyring is the platform's shared one under MFA's label; what was stored before
+    (TOTP secrets under HKDF info palisade-mfa/aes-gcm, code hashes under palisade-mfa/hmac)
+    must stay readable. Derived here independently, with the primitives themselves."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key_id, master = parse_key(generate_key("k1"))
+
+    def derived(info: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master)
+
+    keys = Keyring((key_id, master))
+    nonce = b"\x01" * 12
+    stored = nonce + AESGCM(derived(b"palisade-mfa/aes-gcm")).encrypt(nonce, b"JBSWY3DPEHPK3PXP", b"acc-1")
+    assert keys.decrypt(key_id, stored, b"acc-1") == b"JBSWY3DPEHPK3PXP"
+    stored_hash = hmac.digest(derived(b"palisade-mfa/hmac"), b"code-message", "sha256")
+    assert keys.matches(key_id, stored_hash, b"code-message")
+    assert keys.keyed_hash(b"code-message") == (key_id, stored_hash)

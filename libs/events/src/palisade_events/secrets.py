@@ -1,19 +1,20 @@
-"""Secrets at rest for any worker: AES-256-GCM under keys from configuration.
+"""Secrets at rest for any worker: AES-256-GCM for what must be read back (TLS private
+keys, TOTP secrets), a keyed hash (HMAC-SHA256) for what only needs checking (email and
+recovery codes), under keys from configuration.
 
-Keys are written `KEY_ID:BASE64URL(32 bytes)`. The current key encrypts; older keys only
-decrypt, so keys can rotate. Every ciphertext is stored with the id of the key that made
-it, and is bound to its owner by associated data (e.g. the service and serial of a
-certificate key), so a ciphertext copied to another row does not decrypt. The AES key is
-derived from the configured key with HKDF under a per-worker label, so one configured
-key never serves two purposes.
-
-(The MFA worker has its own copy of this pattern, with a keyed hash besides; it could
-move here.)
+Keys are written `KEY_ID:BASE64URL(32 bytes)`. The current key encrypts and hashes; older
+keys only decrypt and check, so keys can rotate. Every ciphertext and every hash is stored
+with the id of the key that made it; a ciphertext is bound to its owner by associated data
+(e.g. the service and serial of a certificate key), so one copied to another row does not
+decrypt. From each configured key, HKDF under a per-worker label derives one key for AES-GCM
+and one for HMAC (`<label>/aes-gcm`, `<label>/hmac`), so the same bytes never serve two
+purposes or two workers.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import logging
 import os
 import re
@@ -90,26 +91,31 @@ def development_key(path: Path, key_id: str = "dev") -> str:
     return path.read_text().strip()
 
 
+def derive(master: bytes, label: bytes, purpose: bytes) -> bytes:
+    """The 32-byte key for `purpose` (b"aes-gcm", b"hmac") of a worker's `label`."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label + b"/" + purpose).derive(master)
+
+
 @dataclass(frozen=True, repr=False)
 class _Key:
     key_id: str
     aead: AESGCM
+    mac_key: bytes
 
     def __repr__(self) -> str:  # never show key material
         return f"_Key({self.key_id!r})"
 
 
 class Keyring:
-    """AES-GCM under the current key; older keys decrypt only. `label` separates workers
-    (it goes into the HKDF info), e.g. `b"palisade-tls"`."""
+    """AES-GCM and HMAC under the current key; older keys decrypt and check only. `label`
+    separates workers (it goes into the HKDF info), e.g. `b"palisade-tls"`."""
 
     def __init__(self, current: tuple[str, bytes], old: Iterable[tuple[str, bytes]] = (), *, label: bytes) -> None:
         self._keys: dict[str, _Key] = {}
         for key_id, master in (current, *old):
             if key_id in self._keys:
                 raise KeyConfigError(f"key id {key_id} configured twice")
-            derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label + b"/aes-gcm").derive(master)
-            self._keys[key_id] = _Key(key_id, AESGCM(derived))
+            self._keys[key_id] = _Key(key_id, AESGCM(derive(master, label, b"aes-gcm")), derive(master, label, b"hmac"))
         self.current_id = current[0]
 
     def __repr__(self) -> str:
@@ -137,12 +143,22 @@ class Keyring:
         except InvalidTag:
             raise DecryptionError(f"ciphertext under key {key_id} failed authentication") from None
 
+    def keyed_hash(self, message: bytes) -> tuple[str, bytes]:
+        """(key id, HMAC-SHA256) under the current key."""
+        return self.current_id, hmac.digest(self._key(self.current_id).mac_key, message, "sha256")
+
+    def matches(self, key_id: str, digest: bytes, message: bytes) -> bool:
+        """Timing-safe check of a stored keyed hash."""
+        expected = hmac.digest(self._key(key_id).mac_key, message, "sha256")
+        return hmac.compare_digest(expected, digest)
+
 
 __all__ = [
     "DecryptionError",
     "KeyConfigError",
     "Keyring",
     "UnknownKeyError",
+    "derive",
     "development_key",
     "generate_key",
     "parse_key",

@@ -4,7 +4,6 @@ runtime's `RuntimeSettings`."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -12,7 +11,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .crypto import KeyConfigError, Keyring, generate_key, parse_key, parse_keys
+from palisade_events.secrets import development_key
+
+from .crypto import KeyConfigError, Keyring, parse_key, parse_keys
 
 log = logging.getLogger("palisade.mfa")
 
@@ -54,26 +55,10 @@ class MfaSettings(BaseSettings):
                 " PALISADE_MFA_ALLOW_DEV_KEY=1 on a development machine."
             )
         log.warning("using the development MFA key in %s; never do this in production", self.mfa_dev_key_file)
-        return Keyring(parse_key(_dev_key(self.mfa_dev_key_file)), old)
+        return Keyring(parse_key(development_key(self.mfa_dev_key_file, DEV_KEY_ID)), old)
 
     def smtp(self) -> SmtpTarget:
         return SmtpTarget.parse(self.platform_smtp.get_secret_value(), self.mfa_smtp_timeout_seconds)
-
-
-def _dev_key(path: Path) -> str:
-    """Read the development key, creating it (mode 0600) on first use."""
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another replica created it first
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(generate_key(DEV_KEY_ID) + "\n")
-    return path.read_text().strip()
 
 
 @dataclass(frozen=True, repr=False)
