@@ -395,10 +395,10 @@ async def test_an_unreachable_vm_goes_round_the_retry_ladder_and_converges(h: Ha
     assert b"second" not in keys_file.read_bytes()
     assert (await h.list(service_id)).state == "pending"
     await start_sshd(vm)
-    assert await h.rt.run_job("reconcile-pending-writes") == 0
+    assert await h.rt.run_job("reconcile-pending-applies") == 0
     assert b"second" not in keys_file.read_bytes()  # not due yet
     h.clock.advance(timedelta(seconds=SshKeysSettings().reconcile_after_seconds + 1))
-    await h.rt.run_job("reconcile-pending-writes")
+    await h.rt.run_job("reconcile-pending-applies")
     await wait_until(lambda: b"second" in keys_file.read_bytes(), what="the reconciled write")
     await wait_until(lambda: _state(h, service_id, "applied"), what="state applied")
     assert await asyncssh_login(vm, second) == "logged-in as root"

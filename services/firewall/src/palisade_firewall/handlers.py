@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
 from typing import Any
 
-from palisade_events import Context, Job, PermanentError, Rejected, Reply, TransientError, WorkerRuntime
+from palisade_events import Context, Job, PermanentError, Rejected, Reply, TransientError
 from palisade_events.contract import firewall as fw
 from palisade_events.contract import platform, tls
+from palisade_events.vm_apply import reconcile_job
 from palisade_hostctl import (
     ActivationFailed,
     AuthenticationFailed,
@@ -265,7 +265,7 @@ async def apply_rules(cmd: fw.FirewallApplyRequested, ctx: Ctx) -> None:
     elapsed = time.perf_counter() - started
     rule_count = len(service.rules) if service.enabled else 0
     open_80 = domain.port_80_open(service.enabled, service.rules)
-    await store.mark_applied(ctx.db, service_id, service.version, digest, ctx.now())
+    await store.APPLY.mark_applied(ctx.db, service_id, service.version, digest, ctx.now())
     await ctx.emit(
         fw.FirewallApplied(version=service.version, checksum=digest, rule_count=rule_count, port_80_open=open_80)
     )
@@ -298,7 +298,7 @@ async def _apply_failed(
     outcome: str,
     detail: dict[str, str | None],
 ) -> None:
-    await store.mark_failed(ctx.db, service.service_id, service.version, f"{reason}: {message}", ctx.now())
+    await store.APPLY.mark_failed(ctx.db, service.service_id, service.version, f"{reason}: {message}", ctx.now())
     await ctx.emit(fw.FirewallApplyFailed(version=service.version, reason=reason, detail=message[:500]))
     await ctx.audit(
         "FirewallApplyRequested",
@@ -347,17 +347,11 @@ HANDLERS: dict[type[Any], Any] = {
 # ------------------------------------------------------------ scheduled work
 
 
-async def reconcile(rt: WorkerRuntime[Deps]) -> int:
-    """Ask again for applies still due long after they were asked for, so a VM that was
-    unreachable for longer than the retry ladder still converges."""
-    cutoff = rt.clock.now() - timedelta(seconds=rt.deps.settings.reconcile_after_seconds)
-    async with rt.transaction() as ctx:
-        due = await store.claim_stale_pending(ctx.db, cutoff)
-        for service_id in due:
-            await store.mark_pending(ctx.db, service_id, ctx.now())
-            await ctx.emit(fw.FirewallApplyRequested(reason="reconcile"), service_id=service_id)
-    return 0
+async def _ask_again(ctx: Context[Any], service_id: str) -> None:
+    """An apply still due long after it was asked for (reconcile_job): ask again."""
+    await store.mark_pending(ctx.db, service_id, ctx.now())
+    await ctx.emit(fw.FirewallApplyRequested(reason="reconcile"), service_id=service_id)
 
 
-def jobs(every_seconds: float) -> tuple[Job, ...]:
-    return (Job("reconcile-pending-applies", every_seconds, reconcile),)
+def jobs(every_seconds: float, after_seconds: float) -> tuple[Job, ...]:
+    return (reconcile_job(every_seconds, after_seconds, _ask_again),)

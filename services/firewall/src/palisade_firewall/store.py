@@ -9,8 +9,12 @@ from datetime import datetime
 import asyncpg
 
 from palisade_events.db import Connection
+from palisade_events.vm_apply import ApplyState
 
 from .domain import Rule
+
+# Apply state: pending / applied / failed against the row's version (palisade_events.vm_apply).
+APPLY = ApplyState("version", "applied_version")
 
 
 @dataclass(frozen=True)
@@ -133,42 +137,6 @@ async def lock_apply(db: Connection, service_id: str) -> None:
     """Applies to one VM happen one at a time across replicas (a transaction-scoped
     advisory lock, so rule changes, which lock the row, never wait for SSH)."""
     await db.execute("SELECT pg_advisory_xact_lock(hashtextextended('firewall.apply:' || $1, 0))", service_id)
-
-
-async def mark_applied(db: Connection, service_id: str, version: int, checksum: str, now: datetime) -> None:
-    """The VM enforces `version`; 'applied' unless the rule set moved on meanwhile."""
-    await db.execute(
-        "UPDATE services SET applied_version = $2, applied_checksum = $3, applied_at = $4, updated_at = $4,"
-        " last_error = NULL, apply_state = CASE WHEN version = $2 THEN 'applied' ELSE 'pending' END"
-        " WHERE service_id = $1",
-        service_id,
-        version,
-        checksum,
-        now,
-    )
-
-
-async def mark_failed(db: Connection, service_id: str, version: int, error: str, now: datetime) -> None:
-    await db.execute(
-        "UPDATE services SET last_error = $3, updated_at = $4,"
-        " apply_state = CASE WHEN version = $2 THEN 'failed' ELSE 'pending' END WHERE service_id = $1",
-        service_id,
-        version,
-        error[:500],
-        now,
-    )
-
-
-async def claim_stale_pending(db: Connection, requested_before: datetime, limit: int = 100) -> list[str]:
-    """Services whose apply is still due long after it was asked for (its message went
-    round the retry ladder and was parked): claimed for this transaction."""
-    rows = await db.fetch(
-        "SELECT service_id FROM services WHERE apply_state = 'pending' AND apply_requested_at < $1"
-        " ORDER BY apply_requested_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-        requested_before,
-        limit,
-    )
-    return [r["service_id"] for r in rows]
 
 
 async def add_domain(db: Connection, service_id: str, domain: str, now: datetime) -> None:

@@ -45,5 +45,5 @@ def spec(
         handlers=HANDLERS,
         migrations=files("palisade_firewall") / "migrations",
         bootstrap=bootstrap,
-        jobs=jobs(own.reconcile_every_seconds),
+        jobs=jobs(own.reconcile_every_seconds, own.reconcile_after_seconds),
     )

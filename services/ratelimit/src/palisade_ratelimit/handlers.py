@@ -24,12 +24,12 @@ from __future__ import annotations
 import posixpath
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-from palisade_events import Context, Job, Rejected, Reply, TransientError, WorkerRuntime
+from palisade_events import Context, Job, Rejected, Reply, TransientError
 from palisade_events.contract import platform
 from palisade_events.contract import ratelimit as rl
+from palisade_events.vm_apply import reconcile_job
 from palisade_hostctl import (
     AuthenticationFailed,
     CommandFailed,
@@ -215,7 +215,7 @@ async def apply_policy(cmd: rl.WebPolicyApplyRequested, ctx: Ctx) -> None:
         await _apply_failed(ctx, service, reason, message, "failed", {"host": str(identity)})
         return
     elapsed = time.perf_counter() - started
-    await store.mark_applied(ctx.db, service_id, service.policy_version, digest, ctx.now())
+    await store.APPLY.mark_applied(ctx.db, service_id, service.policy_version, digest, ctx.now())
     await ctx.emit(rl.WebPolicyApplied(version=service.policy_version, checksum=digest, changed=installed.changed))
     await ctx.audit(
         "WebPolicyApplyRequested",
@@ -244,7 +244,7 @@ async def _apply_failed(
     outcome: str,
     detail: dict[str, str | None],
 ) -> None:
-    await store.mark_failed(ctx.db, service.service_id, service.policy_version, f"{reason}: {message}", ctx.now())
+    await store.APPLY.mark_failed(ctx.db, service.service_id, service.policy_version, f"{reason}: {message}", ctx.now())
     await ctx.emit(rl.WebPolicyApplyFailed(reason=reason, detail=message[:500]))
     await ctx.audit("WebPolicyApplyRequested", "failed", reason, detail={**detail, "error": message[:500]})
     ctx.after_commit(lambda: APPLIES.labels(outcome).inc())
@@ -291,17 +291,11 @@ HANDLERS: dict[type[Any], Any] = {
 # ------------------------------------------------------------ scheduled work
 
 
-async def reconcile(rt: WorkerRuntime[Deps]) -> int:
-    """Ask again for applies still due long after they were asked for, so a VM that was
-    unreachable for longer than the retry ladder still converges."""
-    cutoff = rt.clock.now() - timedelta(seconds=rt.deps.settings.reconcile_after_seconds)
-    async with rt.transaction() as ctx:
-        due = await store.claim_stale_pending(ctx.db, cutoff)
-        for service_id in due:
-            await store.mark_pending(ctx.db, service_id, ctx.now())
-            await ctx.emit(rl.WebPolicyApplyRequested(reason="reconcile"), service_id=service_id)
-    return 0
+async def _ask_again(ctx: Context[Any], service_id: str) -> None:
+    """An apply still due long after it was asked for (reconcile_job): ask again."""
+    await store.mark_pending(ctx.db, service_id, ctx.now())
+    await ctx.emit(rl.WebPolicyApplyRequested(reason="reconcile"), service_id=service_id)
 
 
-def jobs(every_seconds: float) -> tuple[Job, ...]:
-    return (Job("reconcile-pending-applies", every_seconds, reconcile),)
+def jobs(every_seconds: float, after_seconds: float) -> tuple[Job, ...]:
+    return (reconcile_job(every_seconds, after_seconds, _ask_again),)

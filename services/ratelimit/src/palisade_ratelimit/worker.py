@@ -33,5 +33,5 @@ def spec(settings: RateLimitWorkerSettings | None = None, hostctl: HostctlSettin
         handlers=HANDLERS,
         migrations=files("palisade_ratelimit") / "migrations",
         bootstrap=bootstrap,
-        jobs=jobs(own.reconcile_every_seconds),
+        jobs=jobs(own.reconcile_every_seconds, own.reconcile_after_seconds),
     )

@@ -23,12 +23,12 @@ connection and the advisory lock, nothing other handlers wait on.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from typing import Any
 
-from palisade_events import Context, Event, Job, Rejected, Reply, TransientError, WorkerRuntime
+from palisade_events import Context, Event, Job, Rejected, Reply, TransientError
 from palisade_events.contract import platform
 from palisade_events.contract import sshkeys as sk
+from palisade_events.vm_apply import reconcile_job
 from palisade_hostctl import (
     AuthenticationFailed,
     Host,
@@ -174,7 +174,7 @@ async def apply_keys(cmd: sk.SshKeysApplyRequested, ctx: Ctx) -> None:
         await _apply_failed(ctx, service, "readback_mismatch", str(exc), "failed", {"host": str(identity)}, started)
         return
     elapsed = time.perf_counter() - started
-    await store.mark_applied(ctx.db, service_id, service.keys_version, digest, ctx.now())
+    await store.APPLY.mark_applied(ctx.db, service_id, service.keys_version, digest, ctx.now())
     await ctx.emit(sk.SshKeysApplied(count=len(keys), checksum=digest, changed=result.changed))
     await ctx.audit(
         "SshKeysApplyRequested",
@@ -200,7 +200,7 @@ async def _apply_failed(
     started: float | None = None,
 ) -> None:
     elapsed = None if started is None else time.perf_counter() - started
-    await store.mark_failed(ctx.db, service.service_id, service.keys_version, f"{reason}: {message}", ctx.now())
+    await store.APPLY.mark_failed(ctx.db, service.service_id, service.keys_version, f"{reason}: {message}", ctx.now())
     await ctx.emit(sk.SshKeysApplyFailed(reason=reason, detail=message[:500]))
     await ctx.audit("SshKeysApplyRequested", "failed", reason, detail={**detail, "error": message[:500]})
 
@@ -248,17 +248,11 @@ HANDLERS: dict[type[Any], Any] = {
 # ------------------------------------------------------------ scheduled work
 
 
-async def reconcile(rt: WorkerRuntime[Deps]) -> int:
-    """Ask again for writes still due long after they were asked for, so a VM that was
-    unreachable for longer than the retry ladder still converges."""
-    cutoff = rt.clock.now() - timedelta(seconds=rt.deps.settings.reconcile_after_seconds)
-    async with rt.transaction() as ctx:
-        due = await store.claim_stale_pending(ctx.db, cutoff)
-        for service_id in due:
-            await store.mark_pending(ctx.db, service_id, ctx.now(), changed=False)
-            await ctx.emit(sk.SshKeysApplyRequested(reason="reconcile"), service_id=service_id)
-    return 0
+async def _ask_again(ctx: Context[Any], service_id: str) -> None:
+    """An apply still due long after it was asked for (reconcile_job): ask again."""
+    await store.mark_pending(ctx.db, service_id, ctx.now(), changed=False)
+    await ctx.emit(sk.SshKeysApplyRequested(reason="reconcile"), service_id=service_id)
 
 
-def jobs(every_seconds: float) -> tuple[Job, ...]:
-    return (Job("reconcile-pending-writes", every_seconds, reconcile),)
+def jobs(every_seconds: float, after_seconds: float) -> tuple[Job, ...]:
+    return (reconcile_job(every_seconds, after_seconds, _ask_again),)

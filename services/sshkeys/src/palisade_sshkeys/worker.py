@@ -39,5 +39,5 @@ def spec(settings: SshKeysSettings | None = None, hostctl: HostctlSettings | Non
         handlers=HANDLERS,
         migrations=files("palisade_sshkeys") / "migrations",
         bootstrap=bootstrap,
-        jobs=jobs(own.reconcile_every_seconds),
+        jobs=jobs(own.reconcile_every_seconds, own.reconcile_after_seconds),
     )
