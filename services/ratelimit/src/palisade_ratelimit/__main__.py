@@ -1,12 +1,5 @@
-"""`python -m palisade_ratelimit`: run the worker until SIGTERM."""
+"""`python -m palisade_ratelimit`: the same as `palisade run ratelimit` (run until SIGTERM)."""
 
-import asyncio
-import logging
+from palisade_events.cli.main import run_worker_process
 
-from palisade_events import RuntimeSettings, WorkerRuntime
-
-from .worker import spec
-
-settings = RuntimeSettings()
-logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-asyncio.run(WorkerRuntime(spec(), settings).run_forever())
+run_worker_process("ratelimit")

@@ -446,6 +446,15 @@ def _need_root_for_vms() -> None:
         _fail("--vms needs root: test VMs are network namespaces with their own sshd, nginx and nftables")
 
 
+def run_worker_process(name: str) -> None:
+    """`python -m palisade_<worker>`: exactly `palisade run <worker>` (settings from the
+    environment, uvloop, the worker's log format), for process managers that start modules."""
+    try:
+        _run_one(name, RuntimeSettings())
+    except typer.Exit as stop:
+        sys.exit(stop.exit_code)
+
+
 def _run_one(name: str, settings: RuntimeSettings) -> None:
     from ..runtime import WorkerRuntime
 
