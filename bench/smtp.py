@@ -41,11 +41,13 @@ import asyncio
 import contextlib
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -467,6 +469,7 @@ async def main(args: argparse.Namespace) -> int:
                         await delete_other_services(conn)
             sink.send("count")
             delivered = int((await sink.expect("count")).split()[1])
+            batching = await reservations_per_statement(tmp / "palisade-relay.log")
         finally:
             await palisade_stop(palisade)
             await bare.stop()
@@ -492,7 +495,23 @@ async def main(args: argparse.Namespace) -> int:
     print(f"load average at the end           {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
           f"   (other work on the machine moves msg/s)")  # fmt: skip
     print(f"messages the sink received        {delivered:,}")
+    print(f"reservations per statement        {batching}   (the relay's palisade_smtp_reservations_per_statement)")
     return 0 if ratio >= RATIO_TARGET and ratio_1m >= ROWS_TARGET else 1
+
+
+async def reservations_per_statement(log: Path) -> str:
+    """Mean reservations per database statement over the whole run, from the relay's metrics."""
+    found = re.search(r"metrics on (http://\S+/metrics)", await asyncio.to_thread(log.read_text, errors="replace"))
+    if found is None:
+        return "unknown (no metrics address in the relay's log)"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(found.group(1), timeout=10).read().decode())
+    values = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^palisade_smtp_reservations_per_statement_(sum|count) (\S+)$", text, re.M)
+    }
+    if not values.get("count"):
+        return "none observed"
+    return f"{values['sum'] / values['count']:.2f} on average, {values['count']:,.0f} statements"
 
 
 async def palisade_stop(child: Child) -> None:

@@ -10,6 +10,7 @@ import re
 import signal
 import smtplib
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -144,3 +145,17 @@ async def test_two_relay_processes_deliver_exactly_300_of_1000_recipients_and_sp
     assert not payloads(events, "EmailRejected", service_id=b_id)
     [warning] = payloads(events, "EmailQuotaWarning", service_id=a_id)
     assert warning["payload"]["used"] >= 240
+    # Sessions reached DATA together, so reservations were decided many per statement
+    # (reserve_slots_batch) in at least one process, and the quota above stayed exact.
+    counted = [await reservations_per_statement(r) for r in procs]
+    assert sum(c["count"] for c in counted) > 0, counted
+    assert any(c["sum"] > c["count"] for c in counted), f"no statement decided two reservations: {counted}"
+
+
+async def reservations_per_statement(relay: RelayProcess) -> dict[str, float]:
+    """The relay process's palisade_smtp_reservations_per_statement histogram: sum and count."""
+    url = re.search(r"metrics on (http://\S+/metrics)", relay.output())
+    assert url is not None, relay.output()
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url.group(1), timeout=10).read().decode())
+    found = re.findall(r"^palisade_smtp_reservations_per_statement_(sum|count) (\S+)$", text, re.M)
+    return {name: float(value) for name, value in found}

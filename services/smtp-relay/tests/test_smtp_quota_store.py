@@ -157,3 +157,32 @@ async def test_concurrent_violations_are_all_counted_and_suspend_once(pool: asyn
     assert sorted(count for count, _ in results) == [1, 2, 3, 4, 5]
     assert [suspended for _, suspended in results].count(True) == 1
     assert (await reserve(pool, sid, T)).decision is None
+
+
+async def test_a_batch_decides_every_ask_exactly_as_one_at_a_time(pool: asyncpg.Pool) -> None:
+    """reserve_many (one statement for many sessions' asks) against store.reserve called ask by
+    ask, on twin services with the same rings: same decisions, same rings after. Asks repeat
+    services (their order must hold), and include an unknown and a suspended service."""
+    rng = random.Random(20261205)
+    limit, window = 5, timedelta(seconds=60)
+    twins = [(await service(pool), await service(pool)) for _ in range(4)]
+    suspended = (await service(pool), await service(pool))
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE services SET suspended = true WHERE service_id = ANY($1)", list(suspended))
+        for case in range(100):
+            now = T + timedelta(milliseconds=rng.randint(0, 10_000_000))
+            for pair in twins:
+                ring = sorted(
+                    now - timedelta(milliseconds=rng.randint(-3_000, 90_000)) for _ in range(rng.randint(0, 6))
+                )
+                await conn.execute("UPDATE services SET sends = $2 WHERE service_id = ANY($1)", list(pair), ring)
+            picks = [rng.choice([*twins, suspended, ("svc-unknown", "svc-unknown")]) for _ in range(rng.randint(2, 9))]
+            asks = [(pair, rng.randint(1, 4), now + timedelta(milliseconds=i)) for i, pair in enumerate(picks)]
+            together = await store.reserve_many(
+                conn, [store.Ask(pair[0], n, at) for pair, n, at in asks], limit=limit, window=window
+            )
+            alone = [await store.reserve(conn, pair[1], n, at, limit=limit, window=window) for pair, n, at in asks]
+            assert together == alone, (case, asks)
+            for a, b in twins:
+                rings = await conn.fetch("SELECT sends FROM services WHERE service_id = ANY($1)", [a, b])
+                assert rings[0]["sends"] == rings[1]["sends"], case

@@ -33,3 +33,8 @@ UPSTREAM_SECONDS = Histogram(
     "Time to hand one message to the smarthost",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+RESERVATIONS_PER_STATEMENT = Histogram(
+    "palisade_smtp_reservations_per_statement",
+    "Quota reservations decided by one database statement (sessions that reach DATA together share one)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 100),
+)

@@ -22,9 +22,10 @@ from typing import Any
 from palisade_events import Context, WorkerRuntime
 from palisade_events.audit import Outcome
 from palisade_events.contract import smtp as contract
+from palisade_events.group_commit import GroupCommit
 
 from . import domain, store
-from .metrics import EMAILS, REJECTIONS, SUSPENSIONS
+from .metrics import EMAILS, REJECTIONS, RESERVATIONS_PER_STATEMENT, SUSPENSIONS
 from .settings import RelaySettings
 from .upstream import UpstreamError, UpstreamPool
 
@@ -64,6 +65,11 @@ class Relay:
         self.bound: tuple[str, int] | None = None  # the listener's address, once started
         self.sessions: set[Any] = set()  # open `server.RelaySession`s
         self._relayed = _GroupCommit(rt)
+        # Started and stopped with the SMTP listener (server.smtp_listener). A 1-tuple per
+        # ask: None is GroupCommit's "decide it alone", while a reservation may be None.
+        self.reservations: GroupCommit[store.Ask, tuple[store.Reservation | None]] = GroupCommit(
+            self._reserve_many, max_batch=100
+        )
         self._handovers: set[asyncio.Task[str]] = set()
         self._idle = asyncio.Event()
 
@@ -124,9 +130,8 @@ class Relay:
         # decides. It writes no event in the common case, so it runs on a pooled
         # connection rather than in `rt.transaction()` and its context. A refusal or the
         # 80 % warning is recorded right after, through `rt.transaction()`.
-        async with self.rt.pool.acquire() as conn:
-            reserved_at = self.rt.clock.now()
-            reservation = await store.reserve(conn, sid, count, reserved_at)
+        reserved_at = self.rt.clock.now()
+        reservation = await self._reserve(store.Ask(sid, count, reserved_at))
         if reservation is None:  # deprovisioned while connected
             refusal = domain.Refusal("unknown_service", "554 5.7.1", "Relay access denied: unknown service", "data")
             return await self.refuse(refusal, sid, sub.peer_ip, recipients=count)
@@ -143,6 +148,23 @@ class Relay:
         self._handovers.add(handover)
         handover.add_done_callback(self._handover_done)
         return await asyncio.shield(handover)
+
+    async def _reserve(self, ask: store.Ask) -> store.Reservation | None:
+        """Reservations that arrive while one is being decided share the next statement
+        (store.reserve_many: one round trip and one commit for all); a lone one goes alone."""
+        grouped = await self.reservations.submit(ask)
+        if grouped is not None:
+            return grouped[0]
+        async with self.rt.pool.acquire() as conn:
+            found = await store.reserve(conn, ask.service_id, ask.count, ask.now)
+        RESERVATIONS_PER_STATEMENT.observe(1)
+        return found
+
+    async def _reserve_many(self, asks: list[store.Ask]) -> list[tuple[store.Reservation | None]]:
+        async with self.rt.pool.acquire() as conn:
+            found = await store.reserve_many(conn, asks)
+        RESERVATIONS_PER_STATEMENT.observe(len(asks))
+        return [(r,) for r in found]
 
     def _handover_done(self, task: asyncio.Task[str]) -> None:
         self._handovers.discard(task)

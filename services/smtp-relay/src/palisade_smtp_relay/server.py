@@ -205,6 +205,7 @@ async def smtp_listener(rt: WorkerRuntime[Relay]) -> AsyncIterator[None]:
         )
 
     host, port = settings.listen()
+    relay.reservations.start()
     server = await loop.create_server(session, host, port, reuse_address=True)
     relay.bound = server.sockets[0].getsockname()[:2]
     log.info("SMTP relay listening on %s:%d", *relay.bound)
@@ -214,3 +215,4 @@ async def smtp_listener(rt: WorkerRuntime[Relay]) -> AsyncIterator[None]:
         server.close()
         await relay.drain(rt.settings.shutdown_grace_seconds)
         await server.wait_closed()
+        await relay.reservations.stop()

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import asyncpg
+
 from palisade_events.db import Connection
 
 from . import domain
@@ -88,6 +90,44 @@ async def reserve(
         window,
     )
     assert row is not None
+    return _reservation(row, now, window)
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One session's reservation request."""
+
+    service_id: str
+    count: int
+    now: datetime
+
+
+async def reserve_many(
+    conn: Connection,
+    asks: list[Ask],
+    *,
+    limit: int = domain.QUOTA_LIMIT,
+    window: timedelta = domain.QUOTA_WINDOW,
+) -> list[Reservation | None]:
+    """`reserve` for each ask, in one statement (reserve_slots_batch, migration 004): every
+    ask decided exactly as alone, a service's asks in their order. One commit for all."""
+    if any(a.count < 1 for a in asks):
+        raise ValueError("a reservation takes at least one slot")
+    if len(asks) == 1:
+        return [await reserve(conn, asks[0].service_id, asks[0].count, asks[0].now, limit=limit, window=window)]
+    rows = await conn.fetch(
+        "SELECT ord, known, suspended, granted, used, frees_at, warn FROM reserve_slots_batch($1, $2, $3, $4, $5)",
+        [a.service_id for a in asks],
+        [a.count for a in asks],
+        [a.now for a in asks],
+        limit,
+        window,
+    )
+    by_ord = {row["ord"]: row for row in rows}
+    return [_reservation(by_ord[i], a.now, window) for i, a in enumerate(asks, start=1)]
+
+
+def _reservation(row: asyncpg.Record, now: datetime, window: timedelta) -> Reservation | None:
     if not row["known"]:
         return None
     if row["suspended"]:
