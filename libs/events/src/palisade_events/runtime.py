@@ -426,8 +426,8 @@ class WorkerRuntime(Generic[D]):
 
     @contextlib.asynccontextmanager
     async def transaction(self, envelope: Envelope[Any] | None = None) -> AsyncIterator[Context[D]]:
-        """A transaction with `emit`/`audit`; the relay publishes after commit.
-        For jobs and tests; message handling uses the same path."""
+        """A transaction with `emit`/`audit`; the relay publishes after commit (and after
+        the `after_commit` callbacks). For jobs and tests; message handling uses the same path."""
         async with self.pool.acquire() as conn:
             ctx: Context[D] = Context(worker=self.name, db=conn, clock=self.clock, deps=self.deps, envelope=envelope)
             async with conn.transaction():

@@ -339,15 +339,19 @@ class _GroupCommit:
     async def _write(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
+            def recorded(batch: list[tuple[contract.EmailRelayed, str, asyncio.Future[None]]] = batch) -> None:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
             try:
                 async with self._rt.transaction() as ctx:
                     for event, service_id, _ in batch:
                         await ctx.emit(event, service_id=service_id)
+                    # Committed is recorded: the sessions answer 250 now, while the events'
+                    # publisher confirms come (the next batch still waits for them, in order).
+                    ctx.after_commit(recorded)
             except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
                 for _, _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
-            else:
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
