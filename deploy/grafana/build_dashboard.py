@@ -147,6 +147,17 @@ def own_panels(worker: str) -> list[Panel]:
                     (p99("palisade_smtp_upstream_seconds", j), "smarthost hand-off"),
                 ],
             ),
+            (
+                "Quota reservations per database statement (mean)",
+                "short",
+                [
+                    (
+                        f"sum({rate(f'palisade_smtp_reservations_per_statement_sum{{{j}}}')})"
+                        f" / sum({rate(f'palisade_smtp_reservations_per_statement_count{{{j}}}')})",
+                        "reservations per statement",
+                    )
+                ],
+            ),
         ]
     if worker == "mfa":
         return [
