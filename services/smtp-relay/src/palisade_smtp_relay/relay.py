@@ -339,6 +339,7 @@ class _GroupCommit:
     async def _write(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
+
             def recorded(batch: list[tuple[contract.EmailRelayed, str, asyncio.Future[None]]] = batch) -> None:
                 for _, _, done in batch:
                     if not done.done():
