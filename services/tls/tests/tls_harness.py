@@ -180,12 +180,29 @@ class Harness:
         self, type_: str, service_id: str | None = None, *, after: int = 0, timeout: float = 15, **match: Any
     ) -> dict[str, Any]:
         """The `after`-th (0 = first) event of this type (and payload values) for the service."""
-        await wait_until(
-            lambda: len(self.payloads(type_, service_id, **match)) > after,
-            timeout=timeout,
-            what=f"{type_} {match or ''} #{after + 1} for {service_id}",
-        )
+        try:
+            await wait_until(
+                lambda: len(self.payloads(type_, service_id, **match)) > after,
+                timeout=timeout,
+                what=f"{type_} {match or ''} #{after + 1} for {service_id}",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{await self._state_of(service_id)}") from None
         return self.payloads(type_, service_id, **match)[after]
+
+    async def _state_of(self, service_id: str | None) -> str:
+        """What a timed-out wait reports besides its timeout: the service's scheduling row, the
+        worker's clock, and the service's audit trail (a rare CI timeout left nothing else)."""
+        if service_id is None:
+            return ""
+        async with self.rt.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT next_attempt_at, issue_requested_at, attempt_reason, failures, retry_not_before, last_error"
+                " FROM services WHERE service_id = $1",
+                service_id,
+            )
+        trail = [(r.get("action"), r.get("outcome"), r.get("reason")) for r in self.audits(service_id=service_id)]
+        return f"clock {self.clock.now()}; service row {dict(row) if row else None}; audit trail {trail}"
 
     async def decision(self, env: Any) -> dict[str, Any]:
         """The first event caused by a command."""

@@ -91,7 +91,7 @@ def development_key(path: Path, key_id: str = "dev") -> str:
     return path.read_text().strip()
 
 
-def derive(master: bytes, label: bytes, purpose: bytes) -> bytes:
+def _derive(master: bytes, label: bytes, purpose: bytes) -> bytes:
     """The 32-byte key for `purpose` (b"aes-gcm", b"hmac") of a worker's `label`."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label + b"/" + purpose).derive(master)
 
@@ -115,7 +115,9 @@ class Keyring:
         for key_id, master in (current, *old):
             if key_id in self._keys:
                 raise KeyConfigError(f"key id {key_id} configured twice")
-            self._keys[key_id] = _Key(key_id, AESGCM(derive(master, label, b"aes-gcm")), derive(master, label, b"hmac"))
+            self._keys[key_id] = _Key(
+                key_id, AESGCM(_derive(master, label, b"aes-gcm")), _derive(master, label, b"hmac")
+            )
         self.current_id = current[0]
 
     def __repr__(self) -> str:
@@ -158,7 +160,6 @@ __all__ = [
     "KeyConfigError",
     "Keyring",
     "UnknownKeyError",
-    "derive",
     "development_key",
     "generate_key",
     "parse_key",

@@ -64,7 +64,7 @@ class Relay:
         self.networks = settings.networks()
         self.bound: tuple[str, int] | None = None  # the listener's address, once started
         self.sessions: set[Any] = set()  # open `server.RelaySession`s
-        self._relayed = _GroupCommit(rt)
+        self._relayed = _RelayedRecords(rt)
         # Started and stopped with the SMTP listener (server.smtp_listener). A 1-tuple per
         # ask: None is GroupCommit's "decide it alone", while a reservation may be None.
         self.reservations: GroupCommit[store.Ask, tuple[store.Reservation | None]] = GroupCommit(
@@ -308,7 +308,7 @@ class Relay:
         REJECTIONS.labels(refusal.reason).inc()
 
 
-class _GroupCommit:
+class _RelayedRecords:
     """Records relayed messages (their `EmailRelayed` events), many per transaction.
 
     A session whose message the smarthost took waits here before it answers 250;

@@ -113,8 +113,6 @@ async def reserve_many(
     ask decided exactly as alone, a service's asks in their order. One commit for all."""
     if any(a.count < 1 for a in asks):
         raise ValueError("a reservation takes at least one slot")
-    if len(asks) == 1:
-        return [await reserve(conn, asks[0].service_id, asks[0].count, asks[0].now, limit=limit, window=window)]
     rows = await conn.fetch(
         "SELECT ord, known, suspended, granted, used, frees_at, warn FROM reserve_slots_batch($1, $2, $3, $4, $5)",
         [a.service_id for a in asks],
