@@ -119,6 +119,45 @@ def test_from_values_with_display_tricks_are_refused(value: str, why: str) -> No
         domain.header_address(value)
 
 
+# ------------------------------------------------------------------ MAIL FROM / RCPT TO paths
+
+_PATH_CHARS = "aZ9.-_+=!#{|}~'/?^`$%&*" + '<>@" \\()[]:;,'
+
+
+def _stock_getaddr(arg: str) -> tuple[str | None, str | None]:
+    from aiosmtpd.smtp import SMTP
+
+    return SMTP(handler=object())._getaddr(arg)
+
+
+def test_the_everyday_path_form_is_read_without_the_full_parser() -> None:
+    assert domain.plain_path(f"<{SENDER}> SIZE=1200 BODY=8BITMIME") == (SENDER, "SIZE=1200 BODY=8BITMIME")
+    assert domain.plain_path("<o'hara+tag@mail.example.com>") == ("o'hara+tag@mail.example.com", "")
+    # Every other form is left to aiosmtpd's parser.
+    others = ["<>", '<"a b"@example.com>', "<@relay.example:a@example.com>", "<a@[10.0.0.1]>", "a@example.com"]
+    others += [" <a@example.com>", "<a..b@example.com>", "<a@example..com>", "<a@-x.com>", "<a@b.c> (comment)"]
+    for arg in [*others, "<a@b.c>\t(c) SIZE=1"]:
+        assert domain.plain_path(arg) is None, arg
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.builds(
+            lambda local, host, rest: f"<{local}@{host}>{rest}",
+            st.text(_PATH_CHARS, min_size=1, max_size=12),
+            st.text("aZ9.-_[]:\\ ", min_size=1, max_size=12),
+            st.sampled_from(["", " SIZE=100", "  BODY=8BITMIME", "x", ">", " <b@c.d>", " (c) SIZE=1", "(c)", " \t "]),
+        ),
+        st.text(_PATH_CHARS, max_size=30),
+    )
+)
+def test_the_everyday_path_form_is_read_as_aiosmtpd_reads_it(arg: str) -> None:
+    plain = domain.plain_path(arg)
+    if plain is not None:
+        assert plain == _stock_getaddr(arg)
+
+
 def test_identity_headers() -> None:
     def check(*headers: str) -> Refusal | None:
         parsed = domain.parse_headers(msg(*headers))

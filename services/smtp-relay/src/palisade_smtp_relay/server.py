@@ -4,8 +4,8 @@ aiosmtpd gives EHLO, SIZE, 8BITMIME, STARTTLS (when a certificate is configured)
 dot-unstuffing and the size and line-length limits; the session below adds the
 connect-time check (before the greeting), PIPELINING and ENHANCEDSTATUSCODES in the
 EHLO reply, and turns aiosmtpd's own size and line-length refusals into audited
-ones. aiosmtpd is pinned (1.4.6): `_handle_client` is the one private method
-overridden, because aiosmtpd has no hook before its greeting.
+ones. aiosmtpd is pinned (1.4.6): two private methods are overridden, `_handle_client`
+because aiosmtpd has no hook before its greeting, `_getaddr` for speed (see there).
 """
 
 from __future__ import annotations
@@ -89,6 +89,16 @@ class RelaySession(SMTP):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd reads every MAIL and RCPT address with the email package's full RFC 5322
+        # parser and defines a typing.Protocol class on each call: ~40 us a command, about a
+        # tenth of the relay's CPU per message. Nearly every client sends <local@host>, which
+        # one regular expression reads the same way; any other form still gets the parser.
+        plain = domain.plain_path(arg)
+        if plain is None or (self.local_part_limit and len(plain[0].rpartition("@")[0]) > self.local_part_limit):
+            return super()._getaddr(arg)
+        return plain
 
 
 # aiosmtpd's own refusals, which it sends without calling a hook.
