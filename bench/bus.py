@@ -841,6 +841,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker == "raw":
         uvloop.run(raw_worker(args.name, args.amqp_url, args.prefetch))
         return 0
+    if args.dump:
+        Path(args.dump).mkdir(parents=True, exist_ok=True)
     return asyncio.run(bench(args))
 
 

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection, DeliveryMode
 from opentelemetry.trace import SpanKind
 
 from .messages import Envelope, encode
-from .observability import inject_headers, messaging_attributes, span
+from .observability import inject_headers, messaging_attributes, span, tracing_on
 
 
 class PublishError(RuntimeError):
@@ -61,6 +61,22 @@ class Publisher:
         mandatory: bool = True,
         persistent: bool = True,
     ) -> None:
+        def properties() -> aiormq.spec.Basic.Properties:
+            # Made inside the publish span, when there is one: the injected traceparent is its.
+            return aiormq.spec.Basic.Properties(
+                message_id=message_id,
+                message_type=message_type,
+                correlation_id=correlation_id,
+                reply_to=reply_to,
+                timestamp=timestamp,
+                content_type="application/json",
+                delivery_mode=(DeliveryMode.PERSISTENT if persistent else DeliveryMode.NOT_PERSISTENT).value,
+                headers=dict(headers) if headers is not None else inject_headers(),
+            )
+
+        if not tracing_on():  # no span to make: the headers carry the trace on by themselves
+            await self._send(exchange, routing_key, body, properties(), mandatory)
+            return
         with span(
             f"{routing_key} publish",
             SpanKind.PRODUCER,
@@ -72,40 +88,35 @@ class Publisher:
                 correlation_id=correlation_id,
             ),
         ):
-            # Straight to aiormq: aio_pika.Message and Exchange.publish only build these same
-            # properties, at a third of this publish's CPU (bench/bus.py --profile).
-            properties = aiormq.spec.Basic.Properties(
-                message_id=message_id,
-                message_type=message_type,
-                correlation_id=correlation_id,
-                reply_to=reply_to,
-                timestamp=timestamp,
-                content_type="application/json",
-                delivery_mode=(DeliveryMode.PERSISTENT if persistent else DeliveryMode.NOT_PERSISTENT).value,
-                headers=dict(headers) if headers is not None else inject_headers(),
-            )
-            try:
-                if self._channel.is_closed:
-                    raise aiormq.exceptions.ChannelInvalidStateError(f"{self._channel!r} closed")
-                # The whole publish is bounded, not only its confirm: a robust channel's
-                # get_underlay_channel() waits, without limit, for its connection to come back.
-                async with asyncio.timeout(self._timeout):
-                    channel = await self._channel.get_underlay_channel()
-                    await channel.basic_publish(
-                        body,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        properties=properties,
-                        mandatory=mandatory,
-                    )
-            except aio_pika.exceptions.PublishError as exc:
-                raise PublishError(
-                    f"unroutable: no queue is bound for {routing_key!r} on {exchange or 'the default exchange'!r}"
-                ) from exc
-            except aio_pika.exceptions.DeliveryError as exc:
-                raise PublishError(f"broker refused {routing_key!r}: {exc}") from exc
-            except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-                raise PublishError(f"publish of {routing_key!r} not confirmed: {exc!r}") from exc
+            await self._send(exchange, routing_key, body, properties(), mandatory)
+
+    async def _send(
+        self, exchange: str, routing_key: str, body: bytes, properties: aiormq.spec.Basic.Properties, mandatory: bool
+    ) -> None:
+        # Straight to aiormq: aio_pika.Message and Exchange.publish only build these same
+        # properties, at a third of this publish's CPU (bench/bus.py --profile).
+        try:
+            if self._channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError(f"{self._channel!r} closed")
+            # The whole publish is bounded, not only its confirm: a robust channel's
+            # get_underlay_channel() waits, without limit, for its connection to come back.
+            async with asyncio.timeout(self._timeout):
+                channel = await self._channel.get_underlay_channel()
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                )
+        except aio_pika.exceptions.PublishError as exc:
+            raise PublishError(
+                f"unroutable: no queue is bound for {routing_key!r} on {exchange or 'the default exchange'!r}"
+            ) from exc
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishError(f"broker refused {routing_key!r}: {exc}") from exc
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise PublishError(f"publish of {routing_key!r} not confirmed: {exc!r}") from exc
 
     async def publish(self, env: Envelope[Any], *, reply_to: str | None = None) -> uuid.UUID:
         """Publish an envelope to the exchange and routing key its type names."""

@@ -34,6 +34,7 @@ from .observability import (
     OUTBOX_PUBLISHED,
     extract_context,
     inject_headers,
+    tracing_on,
 )
 from .topology import AUDIT_EXCHANGE
 
@@ -276,7 +277,9 @@ class OutboxRelay:
 
     async def _publish(self, row: OutboxRow) -> None:
         headers = json.loads(row.headers)
-        token = otel_context.attach(extract_context(headers))
+        # The row's trace is made current for the publish span alone; without a tracer provider
+        # there is none, and the stored headers carry the trace on by themselves.
+        token = otel_context.attach(extract_context(headers)) if tracing_on() else None
         try:
             await self._publisher.publish_raw(
                 row.exchange,
@@ -288,7 +291,8 @@ class OutboxRelay:
                 headers=headers,
             )
         finally:
-            otel_context.detach(token)
+            if token is not None:
+                otel_context.detach(token)
 
     async def _refresh_gauges(self) -> None:
         async with self._pool.acquire() as conn:
