@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -101,13 +101,20 @@ class Publisher:
             # The whole publish is bounded, not only its confirm: a robust channel's
             # get_underlay_channel() waits, without limit, for its connection to come back.
             async with asyncio.timeout(self._timeout):
-                channel = await self._channel.get_underlay_channel()
+                # aiormq's own Channel: its basic_publish takes `wait` (the abstract one does not say so).
+                channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
                 await channel.basic_publish(
                     body,
                     exchange=exchange,
                     routing_key=routing_key,
                     properties=properties,
                     mandatory=mandatory,
+                    # Return once the frames are queued for the connection's writer, not once
+                    # it wrote them: the default held the channel's lock across that write, so
+                    # concurrent publishes (a batch's events) took turns with the writer task.
+                    # The confirm is still awaited, and frames keep the order they were queued
+                    # in. Client CPU per publish, 10 at a time: 69-71 -> 56 us.
+                    wait=False,
                 )
         except aio_pika.exceptions.PublishError as exc:
             raise PublishError(

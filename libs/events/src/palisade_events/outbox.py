@@ -180,7 +180,15 @@ class OutboxRelay:
         confirm is retried from memory (and, should this process die, polled after the grace)."""
         if not written:
             return
-        results = await asyncio.gather(*(self._publish(w.row) for w in written), return_exceptions=True)
+        results: list[BaseException | None]
+        if len(written) == 1:  # no task to gather (a lone relayed email, a job's one event)
+            try:
+                await self._publish(written[0].row)
+                results = [None]
+            except Exception as exc:  # noqa: BLE001 - kept for the retry, as gather would
+                results = [exc]
+        else:
+            results = await asyncio.gather(*(self._publish(w.row) for w in written), return_exceptions=True)
         self._published([w.id for w, r in zip(written, results, strict=True) if not isinstance(r, BaseException)])
         failed = [w for w, r in zip(written, results, strict=True) if isinstance(r, BaseException)]
         if failed:

@@ -436,6 +436,23 @@ class WorkerRuntime(Generic[D]):
         ctx._run_after_commit()
         await self.relay.publish_committed(ctx._take_written())
 
+    async def emit_committed(
+        self, events: Sequence[tuple[Payload, str | None]], *, committed: Callable[[], None] | None = None
+    ) -> None:
+        """Events that record something outside the database (no other write goes with them):
+        their outbox rows are one INSERT, a transaction by itself, without the BEGIN and COMMIT
+        round trips of `transaction()`. `committed` runs once they are, before the relay
+        publishes them. Raises when the insert fails: then nothing was recorded."""
+        async with self.pool.acquire() as conn:
+            ctx: Context[D] = Context(worker=self.name, db=conn, clock=self.clock, deps=self.deps, envelope=None)
+            for event, service_id in events:
+                await ctx.emit(event, service_id=service_id)
+            await ctx._flush_outbox()
+        if committed is not None:
+            ctx.after_commit(committed)
+        ctx._run_after_commit()
+        await self.relay.publish_committed(ctx._take_written())
+
     async def _job_loop(self, job: Job) -> None:
         while not self._stopping:
             try:
