@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from datetime import UTC, datetime, timedelta
 
@@ -212,6 +213,18 @@ def test_malformed_messages(content: bytes, reason: str, text: str) -> None:
     assert (r.reason, r.stage) == (reason, "data")
     assert r.code == "550 5.6.0"
     assert text in r.text
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b".", b"\r\r\n", b"\n\r"]), max_size=12))
+def test_a_bare_cr_or_lf_is_found_wherever_it_is(parts: list[bytes]) -> None:
+    content = b"".join(parts)
+    # The definition: an LF without a CR before it, a CR without an LF after it.
+    bare_lf = re.search(rb"(?<!\r)\n", content) is not None
+    bare_cr = re.search(rb"\r(?!\n)", content) is not None
+    found = domain.refuse_line_endings(content)
+    expected = "bare_lf" if bare_lf else "bare_cr" if bare_cr else None
+    assert (found.reason if found else None) == expected
 
 
 def test_a_message_without_body_is_all_headers() -> None:

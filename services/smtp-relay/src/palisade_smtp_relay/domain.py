@@ -136,8 +136,6 @@ def _marketing(reason: str, marker: str, stage: Stage) -> Refusal:
 
 # ------------------------------------------------------------------ the message
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-_BARE_CR = re.compile(rb"\r(?!\n)")
 _FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+):(.*)$", re.DOTALL)
 
 
@@ -265,9 +263,12 @@ def refuse_marketing(headers: Headers) -> Refusal | None:
 def refuse_line_endings(content: bytes) -> Refusal | None:
     # A bare LF (or CR) is how SMTP smuggling hides a second message in the first;
     # the relay passes on only what every server downstream reads the same way.
-    if _BARE_LF.search(content):
+    # Counted rather than searched for (a regular expression with a look-around was ~8 us a
+    # message): every CRLF pairs one CR with one LF, so a lone one shows as a surplus.
+    crlf = content.count(b"\r\n")
+    if content.count(b"\n") > crlf:
         return Refusal("bare_lf", "550 5.6.0", "Bare LF in message; lines must end with CRLF", "data")
-    if _BARE_CR.search(content):
+    if content.count(b"\r") > crlf:
         return Refusal("bare_cr", "550 5.6.0", "Bare CR in message; lines must end with CRLF", "data")
     return None
 
