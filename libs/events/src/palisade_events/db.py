@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -63,6 +64,40 @@ async def create_pool(url: str, size: int, schema: str) -> asyncpg.Pool:
 
 async def _keep_session(_: asyncpg.Connection) -> None:
     return None
+
+
+class RolledBackError(RuntimeError):
+    """COMMIT found the transaction aborted (a statement in it had failed and its error was
+    swallowed): PostgreSQL rolled it back instead."""
+
+
+def sql_literal(value: str) -> str:
+    """A string as an SQL literal (standard_conforming_strings, on since PostgreSQL 9.1:
+    only the quote needs doubling)."""
+    if "\x00" in value:
+        raise ValueError("an SQL literal cannot hold a NUL character")
+    return "'" + value.replace("'", "''") + "'"
+
+
+@contextlib.asynccontextmanager
+async def transaction_opened_by(conn: Connection, first: str) -> AsyncIterator[str]:
+    """A transaction whose BEGIN travels with its first statement: one round trip instead of
+    two (asyncpg's `transaction()` sends BEGIN alone). The simple query protocol takes several
+    statements but no parameters, so `first` carries its values as literals (`sql_literal`).
+    Yields the first statement's status; commits when the block ends, rolls back when it
+    raises. Not nestable: inside it, `conn.transaction()` refuses (a manual transaction)."""
+    try:
+        yield await conn.execute(f"BEGIN; {first}")
+    except BaseException:
+        if not conn.is_closed() and conn.is_in_transaction():
+            # A broken connection fails here too; the pool terminates a closed connection
+            # and rolls back one still in a transaction when it comes back.
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+        raise
+    status = await conn.execute("COMMIT")
+    if status != "COMMIT":
+        raise RolledBackError(f"the transaction was rolled back at COMMIT ({status})")
 
 
 @dataclass(frozen=True)

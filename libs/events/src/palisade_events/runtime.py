@@ -199,6 +199,19 @@ Handler = Callable[[Any, Context[Any]], Awaitable[Reply | None]]
 _GroupItem = tuple[Handler, Envelope[Any], otel_context.Context]
 
 
+def _inbox_insert(envs: Sequence[Envelope[Any]]) -> str:
+    """The inbox rows of messages about to be handled, as the statement that opens their
+    transaction (db.transaction_opened_by): its status counts the new ones, a redelivery
+    inserts nothing. Values as literals: a validated UUID and a type name of the registry."""
+    rows = ", ".join(f"('{env.message_id}', {db.sql_literal(env.type)})" for env in envs)
+    return f"INSERT INTO inbox (message_id, type) VALUES {rows} ON CONFLICT (message_id) DO NOTHING"
+
+
+class _RedeliveryInBatchError(Exception):
+    """A message of a group was handled before (or came twice): the group rolls back and each
+    message is handled alone, which tells the redelivery from the rest."""
+
+
 @dataclass(frozen=True)
 class Job:
     """A periodic task (scheduler tick, renewal scan). `run` returns how much it did;
@@ -556,8 +569,8 @@ class WorkerRuntime(Generic[D]):
         async with self.pool.acquire() as conn:
             ctx: Context[D] = Context(worker=self.name, db=conn, clock=self.clock, deps=self.deps, envelope=env)
             try:
-                async with conn.transaction():
-                    if not await self._record_in_inbox(conn, env):
+                async with db.transaction_opened_by(conn, _inbox_insert([env])) as inserted:
+                    if inserted == "INSERT 0 0":
                         return "duplicate", None
                     reply = await self._decide(handler, env, ctx)
                     await ctx._flush_outbox()
@@ -567,8 +580,8 @@ class WorkerRuntime(Generic[D]):
                 # (inbox, rejection event, audit record) commits in a short one of its own.
                 ctx._forget_writes()
                 reply = QueryRejected(reason=rej.reason) if isinstance(env.payload, Query) else None
-                async with conn.transaction():
-                    if not await self._record_in_inbox(conn, env):
+                async with db.transaction_opened_by(conn, _inbox_insert([env])) as inserted:
+                    if inserted == "INSERT 0 0":
                         return "duplicate", None
                     if rej.event is not None:
                         await ctx.emit(rej.event)
@@ -587,12 +600,12 @@ class WorkerRuntime(Generic[D]):
         back, when any handler does: the runtime then handles each message alone."""
         results: list[tuple[str, Reply | None]] = []
         contexts: list[Context[D]] = []
-        async with self.pool.acquire() as conn, conn.transaction():
-            fresh = await self._record_many_in_inbox(conn, [env for _, env, _ in items])
-            for (handler, env, trace_context), is_fresh in zip(items, fresh, strict=True):
-                if not is_fresh:
-                    results.append(("duplicate", None))
-                    continue
+        envs = [env for _, env, _ in items]
+        async with self.pool.acquire() as conn, db.transaction_opened_by(conn, _inbox_insert(envs)) as inserted:
+            if inserted != f"INSERT 0 {len(envs)}":
+                # A redelivery among them (rare): each is handled alone, which tells which.
+                raise _RedeliveryInBatchError
+            for handler, env, trace_context in items:
                 ctx: Context[D] = Context(worker=self.name, db=conn, clock=self.clock, deps=self.deps, envelope=env)
                 # What the handler emits carries its own message's trace, not the batch's.
                 token = otel_context.attach(trace_context)
@@ -617,34 +630,6 @@ class WorkerRuntime(Generic[D]):
         if env.payload.kind == "command" and not ctx._audits:
             await ctx.audit(env.type, "accepted", detail=ctx.audit_detail)
         return reply
-
-    @staticmethod
-    async def _record_many_in_inbox(conn: db.Connection, envs: list[Envelope[Any]]) -> list[bool]:
-        """Per message, whether it is new: not handled before, nor earlier in the list."""
-        new = {
-            r["message_id"]
-            for r in await conn.fetch(
-                "INSERT INTO inbox (message_id, type) SELECT * FROM unnest($1::uuid[], $2::text[])"
-                " ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
-                [env.message_id for env in envs],
-                [env.type for env in envs],
-            )
-        }
-        fresh = []
-        for env in envs:
-            fresh.append(env.message_id in new)
-            new.discard(env.message_id)  # a second copy in the same batch is a redelivery
-        return fresh
-
-    @staticmethod
-    async def _record_in_inbox(conn: db.Connection, env: Envelope[Any]) -> bool:
-        """False when the message was handled before (a redelivery)."""
-        fresh = await conn.fetchval(
-            "INSERT INTO inbox (message_id, type) VALUES ($1, $2) ON CONFLICT (message_id) DO NOTHING RETURNING true",
-            env.message_id,
-            env.type,
-        )
-        return bool(fresh)
 
     async def _send_reply(self, message: AbstractIncomingMessage, env: Envelope[Any], reply: Reply) -> None:
         out = new_envelope(
