@@ -18,16 +18,14 @@ from typing import Any
 import aio_pika
 import pytest
 
-from palisade_events.contract import platform
-from palisade_events.contract.platform import SshEndpoint
 from palisade_events.schema_export import export
 from palisade_events.topology import AUDIT_EXCHANGE, COMMANDS_EXCHANGE
 from palisade_lifecycle.worker import spec
 from tests.fixtures import AMQP_URL, Collector, unique, wait_until
+from tests.provisioning import service_provisioned
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NPM_CACHE = EXAMPLES / ".npm-cache"  # gitignored, like node_modules: warm after the first run
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3W3XqvGSHjZOLA1c5m6pY9bW2sF0H7n1d8oZk5y1Q"
 COMMAND = "TerminationProtectionEnableRequested"  # lifecycle's: the worker this test runs
 PROCESS_TIMEOUT = 20.0
 
@@ -118,15 +116,7 @@ class Subscriber:
 async def provision(rt: Any, client: Any, service_id: str) -> None:
     name = "redis-node1"
     await client.publish(
-        platform.ServiceProvisioned(
-            service_id=service_id,
-            name=name,
-            software="redis",
-            account_id="acc-node",
-            hostname=f"{name}.vm.example.net",
-            private_ip="10.0.0.21",
-            ssh=SshEndpoint(host="10.0.0.21", host_key=HOST_KEY),
-        ),
+        service_provisioned(service_id, name, account_id="acc-node", private_ip="10.0.0.21"),
         service_id=service_id,
     )
 

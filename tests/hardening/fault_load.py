@@ -29,8 +29,6 @@ from palisade_events.amqp import PublishError
 from palisade_events.client import PalisadeClient
 from palisade_events.contract import lifecycle as lc
 from palisade_events.contract import mfa as m
-from palisade_events.contract import platform
-from palisade_events.contract.platform import SshEndpoint
 from palisade_events.db import schema_name
 from palisade_events.topology import EVENTS_EXCHANGE, dead_queue, declare_exchanges
 from palisade_lifecycle.worker import spec as lifecycle_spec
@@ -38,8 +36,8 @@ from palisade_mfa.crypto import generate_key
 from palisade_mfa.settings import MfaSettings
 from palisade_mfa.worker import spec as mfa_spec
 from tests.fixtures import unique, wait_until
+from tests.provisioning import service_provisioned
 
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3W3XqvGSHjZOLA1c5m6pY9bW2sF0H7n1d8oZk5y1Q"
 SUPPORT = Actor(kind="support", id="jane.support")
 WORKERS = ("lifecycle", "mfa")
 # Long enough that a server restart (well under a second here) is ridden out on the
@@ -133,15 +131,12 @@ class Load:
             self.runtimes[spec.name] = rt
         for service_id in self.services:
             await self.client.publish(
-                platform.ServiceProvisioned(
-                    service_id=service_id,
-                    name=service_id[:30],
-                    software="redis",
-                    account_id="acc-1",
+                service_provisioned(
+                    service_id,
+                    service_id[:30],
                     hostname=f"{service_id}.vm.example.net",
                     ipv4="203.0.113.10",
                     private_ip="10.0.0.5",
-                    ssh=SshEndpoint(host="10.0.0.5", port=22, host_key=HOST_KEY),
                 ),
                 service_id=service_id,
             )

@@ -23,16 +23,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from palisade_events import ManualClock, WorkerRuntime
 from palisade_events.client import PalisadeClient, QueryRejectedError
-from palisade_events.contract import platform
 from palisade_events.contract import smtp as contract
-from palisade_events.contract.platform import SshEndpoint
 from palisade_events.topology import AUDIT_EXCHANGE, EVENTS_EXCHANGE
 from palisade_smtp_relay.settings import RelaySettings
 from palisade_smtp_relay.worker import spec
 from tests.fixtures import Collector, unique, wait_until
+from tests.provisioning import service_provisioned
 
 SENDER_DOMAIN = "vm.example.app"
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3W3XqvGSHjZOLA1c5m6pY9bW2sF0H7n1d8oZk5y1Q"
 UPSTREAM_TIMEOUT = 1.0
 BATCH = 16
 
@@ -161,15 +159,14 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 async def _provision(client: PalisadeClient, svc: Service) -> None:
     await client.publish(
-        platform.ServiceProvisioned(
-            service_id=svc.service_id,
-            name=svc.slug[:30],
+        service_provisioned(
+            svc.service_id,
+            svc.slug[:30],
             software="wordpress",
-            account_id="acc-1",
             hostname=f"{svc.slug}.vm-hosts.example.net",
             ipv4="203.0.113.10",
             private_ip=svc.ip,
-            ssh=SshEndpoint(host="203.0.113.10", port=22, host_key=HOST_KEY),
+            ssh_host="203.0.113.10",
         ),
         service_id=svc.service_id,
     )

@@ -29,15 +29,14 @@ from hypothesis import strategies as st
 from palisade_events import Payload, WorkerRuntime
 from palisade_events.client import PalisadeClient, QueryRejectedError
 from palisade_events.contract import accounts, firewall, lifecycle, mfa, platform, ratelimit, smtp, sshkeys, tls
-from palisade_events.contract.platform import SshEndpoint
 from palisade_events.db import schema_name
 from palisade_events.schema_export import example_payload
 from palisade_events.topology import dead_queue
 from tests.fixtures import AMQP_URL, DATABASE_URL, unique, wait_until
 from tests.hardening.hardening_workers import Sink, closed_port, spec_factories
+from tests.provisioning import service_provisioned
 
 CASES = 1500  # bodies published; each reaches every worker bound to its routing key
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3W3XqvGSHjZOLA1c5m6pY9bW2sF0H7n1d8oZk5y1Q"
 
 HOSTILE_STRINGS = [
     "",
@@ -274,15 +273,15 @@ async def test_every_fuzzed_message_is_handled_or_parked_and_no_worker_stops(
     for sid in service_ids:
         slug = sid.lower()[:30]
         await client.publish(
-            platform.ServiceProvisioned(
-                service_id=sid,
-                name=slug,
+            service_provisioned(
+                sid,
+                slug,
                 software="wordpress",
                 account_id=account_ids[0],
-                hostname=f"{slug}.vm.example.net",
                 ipv4="127.0.0.1",
                 private_ip="127.0.0.2",
-                ssh=SshEndpoint(host="127.0.0.1", port=ssh_port, host_key=HOST_KEY),
+                ssh_host="127.0.0.1",
+                ssh_port=ssh_port,
             ),
             service_id=sid,
         )

@@ -15,15 +15,13 @@ import pytest
 from palisade_events import WorkerRuntime
 from palisade_events.client import PalisadeClient, QueryRejectedError
 from palisade_events.contract import lifecycle as lc
-from palisade_events.contract import platform
-from palisade_events.contract.platform import SshEndpoint
 from palisade_events.db import schema_name
 from tests.fixtures import settings_for_test, unique, wait_until
 from tests.hardening.hardening_privilege import ROLES_SQL, DatabaseRoles, load_database_roles, remove_database_roles
 from tests.hardening.hardening_workers import Sink, closed_port, spec_factories
+from tests.provisioning import service_provisioned
 
 WORKERS = ["firewall", "lifecycle", "mfa", "ratelimit", "smtp-relay", "sshkeys", "tls"]
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3W3XqvGSHjZOLA1c5m6pY9bW2sF0H7n1d8oZk5y1Q"
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +111,7 @@ async def test_a_worker_handles_messages_as_its_role(
             await run_worker(spec_factories(tmp_path, sink.port)[name](), database_url=roles.url(name))
         service_id, name = unique("svc"), unique("redis").lower()[:30]
         await client.publish(
-            platform.ServiceProvisioned(
-                service_id=service_id,
-                name=name,
-                software="redis",
-                account_id="acc-1",
-                hostname=f"{name}.vm.example.net",
-                ipv4="127.0.0.1",
-                private_ip="127.0.0.1",
-                ssh=SshEndpoint(host="127.0.0.1", port=closed_port(), host_key=HOST_KEY),
-            ),
+            service_provisioned(service_id, name, ipv4="127.0.0.1", private_ip="127.0.0.1", ssh_port=closed_port()),
             service_id=service_id,
         )
         await client.publish(lc.TerminationProtectionEnableRequested(), service_id=service_id)

@@ -18,8 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from palisade_events.client import PalisadeClient, QueryRejectedError
 from palisade_events.contract import lifecycle as lc
-from palisade_events.contract import platform, sshkeys
-from palisade_events.contract.platform import SshEndpoint
+from palisade_events.contract import sshkeys
 from palisade_events.messages import new_envelope
 from palisade_events.topology import (
     AUDIT_EXCHANGE,
@@ -41,8 +40,8 @@ from tests.hardening.hardening_privilege import (
     remove_broker_users,
 )
 from tests.hardening.hardening_workers import Sink, closed_port, spec_factories
+from tests.provisioning import service_provisioned
 
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3W3XqvGSHjZOLA1c5m6pY9bW2sF0H7n1d8oZk5y1Q"
 WORKERS = ["firewall", "lifecycle", "mfa", "ratelimit", "smtp-relay", "sshkeys", "tls"]
 
 
@@ -281,16 +280,7 @@ async def test_every_worker_runs_under_its_own_user_and_the_platform_talks_to_it
         admin = await PalisadeClient.connect(users.admin_url)
         try:
             await admin.publish(
-                platform.ServiceProvisioned(
-                    service_id=service_id,
-                    name=name,
-                    software="redis",
-                    account_id="acc-1",
-                    hostname=f"{name}.vm.example.net",
-                    ipv4="127.0.0.1",
-                    private_ip="127.0.0.1",
-                    ssh=SshEndpoint(host="127.0.0.1", port=closed_port(), host_key=HOST_KEY),
-                ),
+                service_provisioned(service_id, name, ipv4="127.0.0.1", private_ip="127.0.0.1", ssh_port=closed_port()),
                 service_id=service_id,
             )
         finally:

@@ -6,12 +6,9 @@ import asyncio
 import os
 import sys
 
-from palisade_events.contract import platform
-from palisade_events.contract.platform import SshEndpoint
 from palisade_lifecycle.worker import spec
 from tests.fixtures import AMQP_URL, unique, wait_until
-
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3W3XqvGSHjZOLA1c5m6pY9bW2sF0H7n1d8oZk5y1Q"
+from tests.provisioning import service_provisioned
 
 
 async def palisade(*args: str) -> tuple[int, str]:
@@ -32,15 +29,7 @@ async def test_protect_then_delete_is_refused_and_status_says_why(run_worker, cl
     rt = await run_worker(spec())
     service_id, name = unique("svc"), "redis-cli1"
     await client.publish(
-        platform.ServiceProvisioned(
-            service_id=service_id,
-            name=name,
-            software="redis",
-            account_id="acc-1",
-            hostname=f"{name}.vm.example.net",
-            private_ip="10.0.0.9",
-            ssh=SshEndpoint(host="10.0.0.9", host_key=HOST_KEY),
-        ),
+        service_provisioned(service_id, name, private_ip="10.0.0.9"),
         service_id=service_id,
     )
 

@@ -13,13 +13,12 @@ from palisade_events import ManualClock, Payload
 from palisade_events.client import PalisadeClient, QueryRejectedError
 from palisade_events.contract import backup, platform
 from palisade_events.contract import lifecycle as lc
-from palisade_events.contract.platform import SshEndpoint
 from palisade_events.topology import AUDIT_EXCHANGE, EVENTS_EXCHANGE
 from palisade_lifecycle.worker import spec
 from tests.fixtures import Collector, unique, wait_until
+from tests.provisioning import service_provisioned
 
 START = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3W3XqvGSHjZOLA1c5m6pY9bW2sF0H7n1d8oZk5y1Q"
 
 DESTRUCTIVE: list[tuple[Payload, str]] = [
     (lc.ServiceDeleteRequested(confirm_name="NAME"), "ServiceDeleteRejected"),
@@ -41,15 +40,8 @@ class Harness:
         service_id = unique("svc")
         name = name or unique("redis").lower()[:30]
         await self.client.publish(
-            platform.ServiceProvisioned(
-                service_id=service_id,
-                name=name,
-                software="redis",
-                account_id="acc-1",
-                hostname=f"{name}-u76.vm.example.net",
-                ipv4="203.0.113.10",
-                private_ip="10.0.0.5",
-                ssh=SshEndpoint(host="10.0.0.5", port=22, host_key=HOST_KEY),
+            service_provisioned(
+                service_id, name, hostname=f"{name}-u76.vm.example.net", ipv4="203.0.113.10", private_ip="10.0.0.5"
             ),
             service_id=service_id,
         )

@@ -22,14 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from palisade_events.client import PalisadeClient, QueryRejectedError
-from palisade_events.contract import platform
 from palisade_events.contract import smtp as contract
-from palisade_events.contract.platform import SshEndpoint
 from tests.fixtures import Collector, wait_until
+from tests.provisioning import service_provisioned
 
 SENDER_DOMAIN = "vm.example.app"
 PRIVATE_NETWORK = "127.0.0.0/24"  # 127.0.1.x stands for addresses outside it
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3W3XqvGSHjZOLA1c5m6pY9bW2sF0H7n1d8oZk5y1Q"
 
 
 # ------------------------------------------------------------------ upstream sink
@@ -326,15 +324,14 @@ async def swaks(port: int, source_ip: str, *args: str) -> SwaksResult:
 async def provision(client: PalisadeClient, service_id: str, slug: str, private_ip: str) -> None:
     """Announce a service as the platform would, and wait until the relay knows it."""
     await client.publish(
-        platform.ServiceProvisioned(
-            service_id=service_id,
-            name=slug[:30],
+        service_provisioned(
+            service_id,
+            slug[:30],
             software="wordpress",
-            account_id="acc-1",
             hostname=f"{slug}.vm-hosts.example.net",
             ipv4="203.0.113.10",
             private_ip=private_ip,
-            ssh=SshEndpoint(host="203.0.113.10", port=22, host_key=HOST_KEY),
+            ssh_host="203.0.113.10",
         ),
         service_id=service_id,
     )
