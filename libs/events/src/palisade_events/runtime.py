@@ -619,6 +619,10 @@ class WorkerRuntime(Generic[D]):
         GROUP_COMMIT_MESSAGES.labels(self.name).observe(len(items))
         for ctx in contexts:
             ctx._run_after_commit()
+        # The next batch starts once these are confirmed. Letting it commit meanwhile (each
+        # message awaiting its batch's publishing before its ack) was tried twice, in 2026-11
+        # and 2026-12: smaller batches, more commits per message, no better p99 (bench/bus.py,
+        # 5 alternating runs at 600 msg/s: median p99 45.6 against 39.5 ms).
         await self.relay.publish_committed(written)
         return results
 
