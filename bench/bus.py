@@ -256,6 +256,10 @@ class WorkerProc:
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=REPO
         )
+        if self._args.worker_nice:
+            # Both workers alike: the system under test ahead of the load generator and the
+            # collector, which stand in for other machines (a negative value needs root).
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, self._args.worker_nice)
         line = await asyncio.wait_for(self._readline(), timeout)
         if line != "ready":
             raise RuntimeError(f"{self.kind} worker did not start: {line!r}")
@@ -718,6 +722,7 @@ async def bench(args: argparse.Namespace) -> int:
         f"  work queues: quorum; prefetch {args.prefetch} (RuntimeSettings().prefetch); "
         f"group commit {'off (--per-message)' if args.per_message else 'on'}; "
         f"N = {args.count} commands; warm-up {args.warmup}; database {args.database_url.rsplit('/', 1)[-1]}"
+        + (f"; both workers at nice {args.worker_nice} (--worker-nice)" if args.worker_nice else "")
     )
     print(
         "  throughput = N commands published with confirms while the worker's consumer is cancelled,\n"
@@ -819,6 +824,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--probe-handler",
         action="store_true",
         help="(b) runs the test probe's handler (failure switch read + effect row + state row)",
+    )
+    p.add_argument(
+        "--worker-nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run both workers at this nice value (e.g. -10: ahead of the load generator and the collector,"
+        " which stand in for other machines; the default 0 shares the two cores evenly)",
     )
     p.add_argument("--worker", choices=("raw", "palisade"), help=argparse.SUPPRESS)
     p.add_argument("--name", help=argparse.SUPPRESS)
