@@ -1,14 +1,16 @@
-"""db.transaction_opened_by against the real PostgreSQL: BEGIN sent with the first statement."""
+"""db.transaction_opened_by and outbox.insert_statement against the real PostgreSQL: BEGIN sent
+with the first statement, COMMIT with the last, values as literals."""
 
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from palisade_events import db
+from palisade_events import db, outbox
 from tests.fixtures import settings_for_test
 
 
@@ -27,15 +29,27 @@ async def keys(conn: asyncpg.Connection) -> list[str]:
 
 
 async def test_the_block_commits_with_the_first_statement_in_it(conn: asyncpg.Connection) -> None:
-    async with db.transaction_opened_by(conn, "INSERT INTO t VALUES ('a') ON CONFLICT DO NOTHING") as status:
-        assert status == "INSERT 0 1"
+    async with db.transaction_opened_by(conn, "INSERT INTO t VALUES ('a') ON CONFLICT DO NOTHING") as tx:
+        assert tx.status == "INSERT 0 1"
         assert conn.is_in_transaction()
         await conn.execute("INSERT INTO t VALUES ($1)", "b")
+        tx.closing = "INSERT INTO t VALUES ('c')"  # travels with the COMMIT
     assert not conn.is_in_transaction()
-    assert await keys(conn) == ["a", "b"]
+    assert await keys(conn) == ["a", "b", "c"]
     # The first statement's status tells a repeat: nothing inserted.
-    async with db.transaction_opened_by(conn, "INSERT INTO t VALUES ('a') ON CONFLICT DO NOTHING") as status:
-        assert status == "INSERT 0 0"
+    async with db.transaction_opened_by(conn, "INSERT INTO t VALUES ('a') ON CONFLICT DO NOTHING") as tx:
+        assert tx.status == "INSERT 0 0"
+
+
+async def test_a_failing_closing_statement_rolls_everything_back(conn: asyncpg.Connection) -> None:
+    async def closing_fails() -> None:
+        async with db.transaction_opened_by(conn, "INSERT INTO t VALUES ('a')") as tx:
+            tx.closing = "INSERT INTO t VALUES ('a')"  # a duplicate key
+
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await closing_fails()
+    assert not conn.is_in_transaction()
+    assert await keys(conn) == []
 
 
 async def test_a_raising_block_rolls_everything_back(conn: asyncpg.Connection) -> None:
@@ -80,3 +94,28 @@ async def test_literals_read_back_as_the_string_itself(conn: asyncpg.Connection,
 def test_a_nul_cannot_become_a_literal() -> None:
     with pytest.raises(ValueError, match="NUL"):
         db.sql_literal("a\x00b")
+
+
+async def test_outbox_rows_read_back_exactly_from_their_literals() -> None:
+    c = await asyncpg.connect(settings_for_test().database_url)
+    try:
+        await c.execute(
+            "CREATE TEMP TABLE outbox (id bigserial PRIMARY KEY, message_id uuid NOT NULL, exchange text NOT NULL,"
+            " routing_key text NOT NULL, message_type text NOT NULL, correlation_id uuid, body bytea NOT NULL,"
+            " headers jsonb NOT NULL)"
+        )
+        awkward_body = b'{"a": "x\'\\\\"}\x00\xff'  # quotes, backslashes, a NUL, a non-UTF-8 byte
+        rows = [
+            outbox.OutboxRow(uuid.uuid4(), "palisade.events", "w.It's", "It's", None, awkward_body, "{}"),
+            outbox.OutboxRow(uuid.uuid4(), "ex", "r.k", "T", uuid.uuid4(), bytes(range(256)), '{"tp": "it\'s"}'),
+        ]
+        await c.execute(outbox.insert_statement(rows))
+        got = await c.fetch(
+            "SELECT message_id, exchange, routing_key, message_type, correlation_id, body, headers::text FROM outbox"
+            " ORDER BY id"
+        )
+        assert [tuple(g) for g in got] == [
+            (r.message_id, r.exchange, r.routing_key, r.message_type, r.correlation_id, r.body, r.headers) for r in rows
+        ]
+    finally:
+        await c.close()

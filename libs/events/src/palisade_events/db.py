@@ -79,15 +79,27 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+@dataclass
+class OpenTransaction:
+    """What `transaction_opened_by` yields: the first statement's status, and the statement, if
+    any, the block wants sent with the COMMIT (the outbox rows: outbox.insert_statement)."""
+
+    status: str
+    closing: str | None = None
+
+
 @contextlib.asynccontextmanager
-async def transaction_opened_by(conn: Connection, first: str) -> AsyncIterator[str]:
-    """A transaction whose BEGIN travels with its first statement: one round trip instead of
-    two (asyncpg's `transaction()` sends BEGIN alone). The simple query protocol takes several
-    statements but no parameters, so `first` carries its values as literals (`sql_literal`).
-    Yields the first statement's status; commits when the block ends, rolls back when it
-    raises. Not nestable: inside it, `conn.transaction()` refuses (a manual transaction)."""
+async def transaction_opened_by(conn: Connection, first: str) -> AsyncIterator[OpenTransaction]:
+    """A transaction whose BEGIN travels with its first statement, and whose COMMIT with its
+    last: two round trips fewer than asyncpg's `transaction()`, which sends BEGIN and COMMIT
+    alone. The simple query protocol takes several statements but no parameters, so these two
+    carry their values as literals (`sql_literal`). Commits when the block ends, rolls back when
+    it raises (or when the closing statement fails), and raises `RolledBackError` when COMMIT
+    finds the transaction aborted. Not nestable: inside it, `conn.transaction()` refuses."""
     try:
-        yield await conn.execute(f"BEGIN; {first}")
+        tx = OpenTransaction(await conn.execute(f"BEGIN; {first}"))
+        yield tx
+        status = await conn.execute(f"{tx.closing}; COMMIT" if tx.closing else "COMMIT")
     except BaseException:
         if not conn.is_closed() and conn.is_in_transaction():
             # A broken connection fails here too; the pool terminates a closed connection
@@ -95,7 +107,6 @@ async def transaction_opened_by(conn: Connection, first: str) -> AsyncIterator[s
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
         raise
-    status = await conn.execute("COMMIT")
     if status != "COMMIT":
         raise RolledBackError(f"the transaction was rolled back at COMMIT ({status})")
 

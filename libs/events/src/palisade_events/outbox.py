@@ -26,7 +26,7 @@ from opentelemetry import context as otel_context
 
 from .amqp import Publisher
 from .audit import AuditRecord
-from .db import Connection
+from .db import Connection, sql_literal
 from .messages import Envelope, encode
 from .observability import (
     OUTBOX_OLDEST_SECONDS,
@@ -49,11 +49,12 @@ SELECT m, e, r, t, c, b, h
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::bytea[], $7::jsonb[])
      WITH ORDINALITY AS rows (m, e, r, t, c, b, h, n)
 ORDER BY n
-RETURNING id
 """
 
-# Marking is idempotent: the poll may have taken (and marked) a row meanwhile.
-_MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[]) AND published_at IS NULL"
+# Marking is idempotent: the poll may have taken (and marked) a row meanwhile. By message id:
+# rows inserted with their COMMIT (insert_statement) have no id the writer learns.
+_MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE message_id = ANY($1::uuid[]) AND published_at IS NULL"
+_MARK_PUBLISHED_IDS = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[]) AND published_at IS NULL"
 
 
 @dataclass(frozen=True)
@@ -92,18 +93,10 @@ def audit_row(record: AuditRecord) -> OutboxRow:
     )
 
 
-@dataclass(frozen=True)
-class WrittenRow:
-    """An outbox row inserted in a transaction, with its id."""
-
-    id: int
-    row: OutboxRow
-
-
-async def insert_rows(conn: Connection, rows: list[OutboxRow]) -> list[WrittenRow]:
+async def insert_rows(conn: Connection, rows: list[OutboxRow]) -> None:
     if not rows:
-        return []
-    ids = await conn.fetch(
+        return
+    await conn.execute(
         _INSERT_MANY,
         [r.message_id for r in rows],
         [r.exchange for r in rows],
@@ -113,8 +106,23 @@ async def insert_rows(conn: Connection, rows: list[OutboxRow]) -> list[WrittenRo
         [r.body for r in rows],
         [r.headers for r in rows],
     )
-    # A serial column hands out ids in insert order, and the insert followed the rows' order.
-    return [WrittenRow(i, r) for i, r in zip(sorted(rec["id"] for rec in ids), rows, strict=True)]
+
+
+def insert_statement(rows: list[OutboxRow]) -> str:
+    """The rows as one INSERT with literal values, to be sent with the transaction's COMMIT in
+    one round trip (db.transaction_opened_by); the VALUES order is the ids' order."""
+    return (
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, body, headers)"
+        f" VALUES {', '.join(_values(r) for r in rows)}"
+    )
+
+
+def _values(r: OutboxRow) -> str:
+    correlation = "NULL" if r.correlation_id is None else f"'{r.correlation_id}'"
+    return (
+        f"('{r.message_id}', {sql_literal(r.exchange)}, {sql_literal(r.routing_key)}, {sql_literal(r.message_type)},"
+        f" {correlation}, '\\x{r.body.hex()}'::bytea, {sql_literal(r.headers)}::jsonb)"
+    )
 
 
 class OutboxRelay:
@@ -144,9 +152,9 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._gauges_at = 0.0
         self._next_poll = 0.0  # time.monotonic() of the next poll
-        self._to_mark: list[int] = []  # published, not yet marked
+        self._to_mark: list[uuid.UUID] = []  # message ids published, not yet marked
         self._mark_due = 0.0  # when the oldest of them must be marked
-        self._to_retry: list[WrittenRow] = []  # committed, their publish failed
+        self._to_retry: list[OutboxRow] = []  # committed, their publish failed
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self._worker}")
@@ -175,7 +183,7 @@ class OutboxRelay:
         while await self.publish_batch(grace_seconds=self._grace) > 0:
             pass
 
-    async def publish_committed(self, written: list[WrittenRow]) -> None:
+    async def publish_committed(self, written: list[OutboxRow]) -> None:
         """Publish a committed transaction's rows now; never raises. What the broker did not
         confirm is retried from memory (and, should this process die, polled after the grace)."""
         if not written:
@@ -183,13 +191,14 @@ class OutboxRelay:
         results: list[BaseException | None]
         if len(written) == 1:  # no task to gather (a lone relayed email, a job's one event)
             try:
-                await self._publish(written[0].row)
+                await self._publish(written[0])
                 results = [None]
             except Exception as exc:  # noqa: BLE001 - kept for the retry, as gather would
                 results = [exc]
         else:
-            results = await asyncio.gather(*(self._publish(w.row) for w in written), return_exceptions=True)
-        self._published([w.id for w, r in zip(written, results, strict=True) if not isinstance(r, BaseException)])
+            results = await asyncio.gather(*(self._publish(w) for w in written), return_exceptions=True)
+        confirmed = [w.message_id for w, r in zip(written, results, strict=True) if not isinstance(r, BaseException)]
+        self._published(confirmed)
         failed = [w for w, r in zip(written, results, strict=True) if isinstance(r, BaseException)]
         if failed:
             error = next(r for r in results if isinstance(r, BaseException))
@@ -197,7 +206,7 @@ class OutboxRelay:
             self._to_retry.extend(failed)
             self._wake.set()
 
-    def _published(self, ids: list[int]) -> None:
+    def _published(self, ids: list[uuid.UUID]) -> None:
         if not ids:
             return
         OUTBOX_PUBLISHED.labels(self._worker).inc(len(ids))
@@ -247,11 +256,11 @@ class OutboxRelay:
         rows, self._to_retry = self._to_retry, []
         for i, w in enumerate(rows):
             try:
-                await self._publish(w.row)
+                await self._publish(w)
             except BaseException:
                 self._to_retry[:0] = rows[i:]
                 raise
-            self._published([w.id])
+            self._published([w.message_id])
 
     async def _mark(self) -> None:
         if not self._to_mark:
@@ -279,7 +288,7 @@ class OutboxRelay:
                 return 0
             # Confirms are awaited concurrently: one round trip for the batch.
             await asyncio.gather(*(self._publish(_row_of(r)) for r in rows))
-            await conn.execute(_MARK_PUBLISHED, [r["id"] for r in rows])
+            await conn.execute(_MARK_PUBLISHED_IDS, [r["id"] for r in rows])
         OUTBOX_PUBLISHED.labels(self._worker).inc(len(rows))
         return len(rows)
 

@@ -98,15 +98,23 @@ class Context(Generic[D]):
         self.audit_detail: dict[str, str | int | bool | None] = {}
         self._audits: list[AuditRecord] = []
         self._pending_rows: list[outbox.OutboxRow] = []
-        self._written: list[outbox.WrittenRow] = []
+        self._written: list[outbox.OutboxRow] = []
         self._after_commit: list[Callable[[], None]] = []
 
     async def _flush_outbox(self) -> None:
         """Write the transaction's events and audit records (called just before commit)."""
         rows, self._pending_rows = self._pending_rows, []
-        self._written.extend(await outbox.insert_rows(self.db, rows))
+        await outbox.insert_rows(self.db, rows)
+        self._written.extend(rows)
 
-    def _take_written(self) -> list[outbox.WrittenRow]:
+    def _close_with_outbox(self, tx: db.OpenTransaction) -> None:
+        """Have the transaction's events and audit records sent with its COMMIT."""
+        rows, self._pending_rows = self._pending_rows, []
+        if rows:
+            tx.closing = outbox.insert_statement(rows)
+        self._written.extend(rows)
+
+    def _take_written(self) -> list[outbox.OutboxRow]:
         """The outbox rows of the committed transaction, for the relay to publish at once."""
         written, self._written = self._written, []
         return written
@@ -569,25 +577,25 @@ class WorkerRuntime(Generic[D]):
         async with self.pool.acquire() as conn:
             ctx: Context[D] = Context(worker=self.name, db=conn, clock=self.clock, deps=self.deps, envelope=env)
             try:
-                async with db.transaction_opened_by(conn, _inbox_insert([env])) as inserted:
-                    if inserted == "INSERT 0 0":
+                async with db.transaction_opened_by(conn, _inbox_insert([env])) as tx:
+                    if tx.status == "INSERT 0 0":
                         return "duplicate", None
                     reply = await self._decide(handler, env, ctx)
-                    await ctx._flush_outbox()
+                    ctx._close_with_outbox(tx)
                 outcome = "handled"
             except Rejected as rej:
                 # The handler's writes rolled back with the transaction; the decision itself
                 # (inbox, rejection event, audit record) commits in a short one of its own.
                 ctx._forget_writes()
                 reply = QueryRejected(reason=rej.reason) if isinstance(env.payload, Query) else None
-                async with db.transaction_opened_by(conn, _inbox_insert([env])) as inserted:
-                    if inserted == "INSERT 0 0":
+                async with db.transaction_opened_by(conn, _inbox_insert([env])) as tx:
+                    if tx.status == "INSERT 0 0":
                         return "duplicate", None
                     if rej.event is not None:
                         await ctx.emit(rej.event)
                     if is_command:
                         await ctx.audit(env.type, "rejected", rej.reason, detail={**ctx.audit_detail, **rej.detail})
-                    await ctx._flush_outbox()
+                    ctx._close_with_outbox(tx)
                 outcome = "rejected"
         ctx._run_after_commit()
         # Published before the ack (and before the next message of the service starts), so a
@@ -601,8 +609,8 @@ class WorkerRuntime(Generic[D]):
         results: list[tuple[str, Reply | None]] = []
         contexts: list[Context[D]] = []
         envs = [env for _, env, _ in items]
-        async with self.pool.acquire() as conn, db.transaction_opened_by(conn, _inbox_insert(envs)) as inserted:
-            if inserted != f"INSERT 0 {len(envs)}":
+        async with self.pool.acquire() as conn, db.transaction_opened_by(conn, _inbox_insert(envs)) as tx:
+            if tx.status != f"INSERT 0 {len(envs)}":
                 # A redelivery among them (rare): each is handled alone, which tells which.
                 raise _RedeliveryInBatchError
             for handler, env, trace_context in items:
@@ -615,7 +623,9 @@ class WorkerRuntime(Generic[D]):
                     otel_context.detach(token)
                 contexts.append(ctx)
                 results.append(("handled", reply))
-            written = await outbox.insert_rows(conn, [row for ctx in contexts for row in ctx._pending_rows])
+            written = [row for ctx in contexts for row in ctx._pending_rows]
+            if written:
+                tx.closing = outbox.insert_statement(written)
         GROUP_COMMIT_MESSAGES.labels(self.name).observe(len(items))
         for ctx in contexts:
             ctx._run_after_commit()
