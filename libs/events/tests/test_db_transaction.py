@@ -96,26 +96,22 @@ def test_a_nul_cannot_become_a_literal() -> None:
         db.sql_literal("a\x00b")
 
 
-async def test_outbox_rows_read_back_exactly_from_their_literals() -> None:
-    c = await asyncpg.connect(settings_for_test().database_url)
-    try:
-        await c.execute(
-            "CREATE TEMP TABLE outbox (id bigserial PRIMARY KEY, message_id uuid NOT NULL, exchange text NOT NULL,"
-            " routing_key text NOT NULL, message_type text NOT NULL, correlation_id uuid, body bytea NOT NULL,"
-            " headers jsonb NOT NULL)"
-        )
-        awkward_body = b'{"a": "x\'\\\\"}\x00\xff'  # quotes, backslashes, a NUL, a non-UTF-8 byte
-        rows = [
-            outbox.OutboxRow(uuid.uuid4(), "palisade.events", "w.It's", "It's", None, awkward_body, "{}"),
-            outbox.OutboxRow(uuid.uuid4(), "ex", "r.k", "T", uuid.uuid4(), bytes(range(256)), '{"tp": "it\'s"}'),
-        ]
-        await c.execute(outbox.insert_statement(rows))
-        got = await c.fetch(
-            "SELECT message_id, exchange, routing_key, message_type, correlation_id, body, headers::text FROM outbox"
-            " ORDER BY id"
-        )
-        assert [tuple(g) for g in got] == [
-            (r.message_id, r.exchange, r.routing_key, r.message_type, r.correlation_id, r.body, r.headers) for r in rows
-        ]
-    finally:
-        await c.close()
+async def test_outbox_rows_read_back_exactly_from_their_literals(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "CREATE TEMP TABLE outbox (id bigserial PRIMARY KEY, message_id uuid NOT NULL, exchange text NOT NULL,"
+        " routing_key text NOT NULL, message_type text NOT NULL, correlation_id uuid, body bytea NOT NULL,"
+        " headers jsonb NOT NULL)"
+    )
+    awkward_body = b'{"a": "x\'\\\\"}\x00\xff'  # quotes, backslashes, a NUL, a non-UTF-8 byte
+    rows = [
+        outbox.OutboxRow(uuid.uuid4(), "palisade.events", "w.It's", "It's", None, awkward_body, "{}"),
+        outbox.OutboxRow(uuid.uuid4(), "ex", "r.k", "T", uuid.uuid4(), bytes(range(256)), '{"tp": "it\'s"}'),
+    ]
+    await conn.execute(outbox.insert_statement(rows))
+    got = await conn.fetch(
+        "SELECT message_id, exchange, routing_key, message_type, correlation_id, body, headers::text FROM outbox"
+        " ORDER BY id"
+    )
+    assert [tuple(g) for g in got] == [
+        (r.message_id, r.exchange, r.routing_key, r.message_type, r.correlation_id, r.body, r.headers) for r in rows
+    ]

@@ -54,7 +54,6 @@ ORDER BY n
 # Marking is idempotent: the poll may have taken (and marked) a row meanwhile. By message id:
 # rows inserted with their COMMIT (insert_statement) have no id the writer learns.
 _MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE message_id = ANY($1::uuid[]) AND published_at IS NULL"
-_MARK_PUBLISHED_IDS = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[]) AND published_at IS NULL"
 
 
 @dataclass(frozen=True)
@@ -288,7 +287,7 @@ class OutboxRelay:
                 return 0
             # Confirms are awaited concurrently: one round trip for the batch.
             await asyncio.gather(*(self._publish(_row_of(r)) for r in rows))
-            await conn.execute(_MARK_PUBLISHED_IDS, [r["id"] for r in rows])
+            await conn.execute(_MARK_PUBLISHED, [r["message_id"] for r in rows])
         OUTBOX_PUBLISHED.labels(self._worker).inc(len(rows))
         return len(rows)
 

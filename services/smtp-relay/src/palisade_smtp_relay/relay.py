@@ -309,16 +309,15 @@ class Relay:
 
 
 class _RelayedRecords:
-    """Records relayed messages (their `EmailRelayed` events), many per transaction.
+    """Records relayed messages (their `EmailRelayed` events), many per statement.
 
     A session whose message the smarthost took waits here before it answers 250;
-    while one transaction commits, the messages finished meanwhile gather for the
-    next. Each message is still recorded before its client hears 250, and the
-    quota reservations stay one transaction each: only these records share one,
-    which saves a pool round trip, BEGIN, COMMIT and the connection reset per
-    message under load (15-20 % of the relay's CPU per message in bench/smtp.py).
-    The records are the batch's only write, so they are one INSERT committing by
-    itself (`WorkerRuntime.emit_committed`), without BEGIN and COMMIT round trips.
+    while one batch is written, the messages finished meanwhile gather for the
+    next. The records are the batch's only write, so a batch is one INSERT that
+    commits by itself (`WorkerRuntime.emit_committed`). Each message is recorded
+    before its client hears 250; the waiters are released at the commit, not at
+    the publisher confirms (the runtime's GroupCommit resolves only once its
+    commit function returns, which here includes publishing the batch).
 
     A relayed message gets no audit record of its own: `EmailRelayed` is the
     record of the acceptance, while every refusal, suspension and lifted
