@@ -13,6 +13,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection, DeliveryMode
 from opentelemetry.trace import SpanKind
 
+from .amqp_transport import CoalescingRobustConnection
 from .messages import Envelope, encode
 from .observability import inject_headers, messaging_attributes, span, tracing_on
 
@@ -22,8 +23,11 @@ class PublishError(RuntimeError):
 
 
 async def connect(url: str) -> AbstractRobustConnection:
-    """A robust connection: reconnects with back-off and restores topology and consumers."""
-    return await aio_pika.connect_robust(url, reconnect_interval=1.0, fail_fast=True)
+    """A robust connection: reconnects with back-off and restores topology and consumers;
+    frames written in one turn of the event loop leave in one send (amqp_transport)."""
+    return await aio_pika.connect_robust(
+        url, reconnect_interval=1.0, fail_fast=True, connection_class=CoalescingRobustConnection
+    )
 
 
 class Publisher:
