@@ -1,5 +1,6 @@
-"""db.transaction_opened_by and outbox.insert_statement against the real PostgreSQL: BEGIN sent
-with the first statement, COMMIT with the last, values as literals."""
+"""db.transaction_opened_by, outbox.insert_statement and outbox.mark_published_statement against
+the real PostgreSQL: BEGIN sent with the first statement, COMMIT with the last, values as
+literals, a mark that commits without the WAL flush and leaves the session as it was."""
 
 from __future__ import annotations
 
@@ -115,3 +116,24 @@ async def test_outbox_rows_read_back_exactly_from_their_literals(conn: asyncpg.C
     assert [tuple(g) for g in got] == [
         (r.message_id, r.exchange, r.routing_key, r.message_type, r.correlation_id, r.body, r.headers) for r in rows
     ]
+
+
+async def test_a_mark_marks_its_rows_alone_and_leaves_commits_durable(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "CREATE TEMP TABLE outbox (id bigserial PRIMARY KEY, message_id uuid NOT NULL, published_at timestamptz)"
+    )
+    ids = [uuid.uuid4() for _ in range(4)]
+    await conn.executemany("INSERT INTO outbox (message_id) VALUES ($1)", [(i,) for i in ids])
+    await conn.execute("UPDATE outbox SET published_at = '2000-01-01' WHERE message_id = $1", ids[0])
+
+    await conn.execute(outbox.mark_published_statement(ids[:3]))
+
+    marked = {r["message_id"]: r["published_at"] for r in await conn.fetch("SELECT * FROM outbox")}
+    assert marked[ids[0]].year == 2000  # a row marked before keeps its mark
+    assert marked[ids[1]] is not None
+    assert marked[ids[2]] is not None
+    assert marked[ids[3]] is None
+    # synchronous_commit was off for the mark's own transaction only: what the pooled
+    # connection commits next (a handler's effects) still waits for the WAL flush.
+    assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    assert not conn.is_in_transaction()
