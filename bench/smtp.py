@@ -31,7 +31,9 @@ Loopback only; bounded loops. Run from the repository root:
 It needs the local RabbitMQ (a vhost of its own is created and deleted) and
 PostgreSQL (database palisade_bench). `BENCH_PROFILE=/tmp/relay.prof` runs the Palisade
 relay under cProfile. Besides msg/s it prints each relay process's CPU time per message,
-which moves much less than throughput when other work shares the machine.
+which moves much less than throughput when other work shares the machine, and the whole
+machine's CPU per message by process (relay, PostgreSQL, RabbitMQ, sink, load generators):
+with every process on two cores, the throughput ratio follows the machine's CPU per message.
 """
 
 from __future__ import annotations
@@ -386,6 +388,45 @@ async def outbox_drained(conn: asyncpg.Connection, deadline: float) -> None:
 class RoundResult:
     rate: float  # messages per second
     cpu_ms: float  # CPU time of the relay process per message
+    machine_ms: dict[str, float]  # CPU time per message of every process on the machine, by role
+
+
+ROLES = ("relay", "postgres", "rabbitmq", "sink", "load", "other")
+
+
+def machine_cpu(roles: dict[int, str]) -> dict[int, tuple[str, float]]:
+    """Every process's user + system seconds so far, with its role: the given pids by name,
+    PostgreSQL's processes and RabbitMQ's Erlang VM by their program, the rest 'other'."""
+    found: dict[int, tuple[str, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+        except OSError:  # gone meanwhile
+            continue
+        role = roles.get(pid) or (
+            "postgres" if program.startswith(b"postgres") or program.endswith(b"/postgres")
+            else "rabbitmq" if program.endswith(b"beam.smp")
+            else "other"
+        )  # fmt: skip
+        fields = stat.rsplit(")", 1)[1].split()
+        found[pid] = (role, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return found
+
+
+def machine_cpu_spent(before: dict[int, tuple[str, float]], *later: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """Seconds by role from the `before` reading to the last later reading each process is in
+    (the load generators exit once done, before the outbox is drained)."""
+    spent = dict.fromkeys(ROLES, 0.0)
+    last: dict[int, tuple[str, float]] = {}
+    for reading in later:
+        last.update(reading)
+    for pid, (role, seconds) in last.items():
+        spent[role] += seconds - (before[pid][1] if pid in before and before[pid][0] == role else 0.0)
+    return spent
 
 
 def process_cpu(pid: int) -> float:
@@ -395,7 +436,13 @@ def process_cpu(pid: int) -> float:
 
 
 async def run_round(
-    port: int, relay_pid: int, clients: int, messages: int, generators: int, conn: asyncpg.Connection | None
+    port: int,
+    relay_pid: int,
+    sink_pid: int,
+    clients: int,
+    messages: int,
+    generators: int,
+    conn: asyncpg.Connection | None,
 ) -> RoundResult:
     """One round against the relay on `port`."""
     per = [clients // generators + (1 if g < clients % generators else 0) for g in range(generators)]
@@ -408,6 +455,8 @@ async def run_round(
     try:
         for g in gens:
             await g.expect("ready", 120)
+        roles = {relay_pid: "relay", sink_pid: "sink", **{g.proc.pid: "load" for g in gens}}
+        machine_before = await asyncio.to_thread(machine_cpu, roles)
         started, cpu_before = time.perf_counter(), process_cpu(relay_pid)
         for g in gens:
             g.send("go")
@@ -415,16 +464,18 @@ async def run_round(
         for g in gens:
             _, a, b = (await g.expect("done", 600)).split()
             ok, failed = ok + int(a), failed + int(b)
+        machine_done = await asyncio.to_thread(machine_cpu, roles)
         if conn is not None:  # publishing the events is part of the work
             await outbox_drained(conn, time.monotonic() + 120)
         elapsed, cpu = time.perf_counter() - started, process_cpu(relay_pid) - cpu_before
+        machine = machine_cpu_spent(machine_before, machine_done, await asyncio.to_thread(machine_cpu, roles))
     finally:
         for g in gens:
             await g.stop()
     expected = clients * messages
     if ok != expected or failed:
         raise RuntimeError(f"{ok} of {expected} messages accepted, {failed} refused")
-    return RoundResult(expected / elapsed, 1000 * cpu / expected)
+    return RoundResult(expected / elapsed, 1000 * cpu / expected, {k: 1000 * v / expected for k, v in machine.items()})
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -459,12 +510,12 @@ async def main(args: argparse.Namespace) -> int:
                     for name, port, pid in relays:
                         await reset_quota(conn)
                         res = await run_round(
-                            port, pid, args.clients, args.messages, args.generators,
+                            port, pid, sink.proc.pid, args.clients, args.messages, args.generators,
                             conn if name == "palisade" else None,
                         )  # fmt: skip
                         results.setdefault(name + phase, []).append(res)
-                        print(f"  round {r + 1} {name + phase:>12}: {res.rate:8.1f} msg/s, "
-                              f"relay CPU {res.cpu_ms:5.2f} ms/msg")  # fmt: skip
+                        print(f"  round {r + 1} {name + phase:>12}: {res.rate:8.1f} msg/s, relay CPU "
+                              f"{res.cpu_ms:5.2f} ms/msg, machine {sum(res.machine_ms.values()):5.2f}")  # fmt: skip
                     if phase:
                         await delete_other_services(conn)
             sink.send("count")
@@ -488,6 +539,10 @@ async def main(args: argparse.Namespace) -> int:
     print(f"ratio Palisade / bare             {ratio:8.2f}   (target >= {RATIO_TARGET})")
     print(f"  the same from CPU per message     {med('bare', 'cpu_ms') / med('palisade', 'cpu_ms'):6.2f}"
           "   (what one relay process can do when it has a core to itself)")  # fmt: skip
+    for key in ("bare", "palisade"):
+        by_role = {role: statistics.median(x.machine_ms[role] for x in results[key]) for role in ROLES}
+        print(f"  machine CPU per message, {key + ':':9} {sum(by_role.values()):5.2f} ms  ("
+              + ", ".join(f"{role} {ms:.2f}" for role, ms in by_role.items()) + ")")  # fmt: skip
     print(f"Palisade relay, 1M records        {med('palisade+1M'):8.1f} msg/s   relay CPU "
           f"{med('palisade+1M', 'cpu_ms'):5.2f} ms/msg   (bare meanwhile: {med('bare+1M'):.1f} msg/s)")  # fmt: skip
     print(f"ratio with / without 1M records   {ratio_1m:8.2f}   (target >= {ROWS_TARGET})")
