@@ -19,7 +19,8 @@ What it proves:
   in any of those files;
 - the workers still work and the test can see a write: one clean command per VM worker afterwards
   is applied and shows up in the VM's files and ruleset; the tls worker accepts a clean domain (its
-  CA and DNS are closed loopback ports, so it never writes to the VM here).
+  CA and DNS are closed loopback ports: its one VM write, the challenge routes of the certificate
+  attempt that opening port 80 starts, is over before the "before" snapshot).
 
 The pure validators get every breaker in every position (test_injection_validators.py); this is a
 representative sample: each breaker once per field kind, plus the corpus's payloads, look-alike
@@ -362,8 +363,8 @@ async def workers(run_worker: Any, client: PalisadeClient, collect: Any, testvms
 
 @pytest.fixture
 async def seen(workers: VmWorkers, run_worker: Any, collect: Any, testvms: VmSession, tmp_path: Path) -> Seen:
-    """The TLS worker too (its CA and DNS on closed loopback ports: it never gets as far as the VM
-    here, but it judges the domains), and what all four say."""
+    """The TLS worker too (its CA and DNS on closed loopback ports: a certificate attempt writes
+    its challenge routes to the VM and fails at the CA; it judges the domains), and what all four say."""
     await run_worker(spec_factories(tmp_path, closed_port(), hostctl(testvms))["tls"]())
     events = await collect("palisade.events", *(f"{w}.#" for w in ALL_WORKERS))
     audit = await collect("palisade.audit", *(f"{w}.#" for w in ALL_WORKERS))
@@ -396,6 +397,16 @@ async def test_hostile_commands_are_refused_before_anything_reaches_the_vm(
     outcomes = {w: await workers.outcome(w, env) for w, env in base.items()}
     assert {w: o["type"] for w, o in outcomes.items()} == {w: APPLIED[w] for w in base}, outcomes
     baseline_checksum = outcomes["firewall"]["payload"]["checksum"]
+    # The baseline opens port 80, so the tls worker tries to issue the service's certificate: it
+    # writes the ACME challenge routes to the VM, then finds its CA closed. Its VM write must be
+    # over before the snapshot (once, the snapshot caught its temporary file mid-rename).
+    await wait_until(
+        lambda: any(
+            (b := m.json())["type"] == "CertificateIssuanceFailed" and b["service_id"] == service_id
+            for m in seen.events.messages
+        ),
+        what="tls's certificate attempt after port 80 opened is over",
+    )
     before, before_files, before_kernel = snapshot(vm), watched_files(vm), await kernel_ruleset(vm)
     no_breaker_in(vm)
     ready = time.perf_counter()
