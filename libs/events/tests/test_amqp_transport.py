@@ -33,14 +33,17 @@ class Peer:
                 await self.changed.wait()
 
 
+# The peer, the writer under test, and every buffer the writer handed to its transport.
+Connected = tuple[Peer, CoalescingStreamWriter, list[bytes]]
+
+
 @pytest.fixture
-async def connected() -> AsyncIterator[tuple[Peer, CoalescingStreamWriter, list[bytes]]]:
+async def connected() -> AsyncIterator[Connected]:
     peer = Peer()
     server = await asyncio.start_server(peer.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     _, writer = await CoalescingTransportFactory().create(URL(f"amqp://guest:guest@127.0.0.1:{port}/"))
     assert isinstance(writer, CoalescingStreamWriter)
-    # Every write that reaches the socket's transport, as the writer hands it over.
     handed: list[bytes] = []
     transport_write = writer.transport.write
 
@@ -57,9 +60,7 @@ async def connected() -> AsyncIterator[tuple[Peer, CoalescingStreamWriter, list[
         await server.wait_closed()
 
 
-async def test_frames_of_one_loop_turn_leave_in_one_write(
-    connected: tuple[Peer, CoalescingStreamWriter, list[bytes]],
-) -> None:
+async def test_frames_of_one_loop_turn_leave_in_one_write(connected: Connected) -> None:
     peer, writer, handed = connected
     writer.write(b"method|")
     writer.write(b"header|")
@@ -73,9 +74,7 @@ async def test_frames_of_one_loop_turn_leave_in_one_write(
     await peer.wait_for(b"method|header|body|ack|")
 
 
-async def test_drain_and_close_send_what_is_held_at_once(
-    connected: tuple[Peer, CoalescingStreamWriter, list[bytes]],
-) -> None:
+async def test_drain_and_close_send_what_is_held_at_once(connected: Connected) -> None:
     peer, writer, handed = connected
     writer.write(b"a")
     writer.write(b"b")
