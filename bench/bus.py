@@ -462,6 +462,26 @@ class Latency:
     machine_busy_pct: float
     worker_cpu_ms_per_msg: float = float("nan")
     pg_commits_per_msg: float = float("nan")
+    series: Sequence[tuple[float, float]] = ()  # (send time in s from the start, latency in ms)
+
+
+def slow_spans(
+    series: Sequence[tuple[float, float]], over_ms: float, width: float = 0.1
+) -> list[tuple[float, float, float]]:
+    """Where the slow messages were sent: (from s, to s, max ms) for each run of adjacent
+    `width`-second windows whose slowest message took more than `over_ms`. A stall shows as
+    one short span of many slow messages; a standing queue as a long one."""
+    worst: dict[int, float] = {}
+    for t, ms in series:
+        k = int(t / width)
+        worst[k] = max(worst.get(k, 0.0), ms)
+    spans: list[tuple[float, float, float]] = []
+    for k in sorted(w for w, ms in worst.items() if ms > over_ms):
+        if spans and round(spans[-1][1] / width) == k:
+            spans[-1] = (spans[-1][0], (k + 1) * width, max(spans[-1][2], worst[k]))
+        else:
+            spans.append((k * width, (k + 1) * width, worst[k]))
+    return spans
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:
@@ -647,6 +667,7 @@ class Driver:
             machine_busy_pct=(busy1 - busy0) / CLK_TCK / ((last_send - start) * (os.cpu_count() or 1)) * 100,
             worker_cpu_ms_per_msg=cpu0.per_group(cpu1).get("worker", 0) / CLK_TCK * 1000 / max(len(lat), 1),
             pg_commits_per_msg=(pg1.commits - pg0.commits) / max(len(lat), 1) if pg0 and pg1 else float("nan"),
+            series=series,
         )
 
     async def cleanup(self, channel: AbstractChannel) -> None:
@@ -693,6 +714,18 @@ def _fmt_lat(label: str, lat: Latency) -> str:
         f"p50 {lat.p50_ms:6.1f} ms  p90 {lat.p90_ms:6.1f} ms  p99 {lat.p99_ms:6.1f} ms  max {lat.max_ms:6.1f} ms  "
         f"(machine {lat.machine_busy_pct:.0f}% busy; worker {lat.worker_cpu_ms_per_msg:.3f} ms CPU"
         f", PG {lat.pg_commits_per_msg:.2f} commits per msg)"
+    )
+
+
+def _fmt_slow(lat: Latency) -> str:
+    """Where the tail comes from: the p99 without the run's first second (the worker going from
+    idle to the full rate) and the spans of slow messages."""
+    later = sorted(ms for t, ms in lat.series if t >= 1.0)
+    spans = slow_spans(lat.series, P99_TARGET_MS)
+    where = ", ".join(f"{a:.1f}-{b:.1f} s (max {ms:.0f})" for a, b, ms in spans) or "none"
+    return (
+        f"{'':26}p99 after the first second {percentile(later, 99):6.1f} ms;"
+        f" sent in a 0.1 s window with a message over {P99_TARGET_MS:g} ms: {where}"
     )
 
 
@@ -780,8 +813,10 @@ async def bench(args: argparse.Namespace) -> int:
     print()
     print(f"Latency, command publish -> event at the collector, steady {rate:.0f} msg/s for {args.seconds:g} s")
     print(_fmt_lat("(b) palisade runtime", lat_rt))
+    print(_fmt_slow(lat_rt))
     if lat_raw is not None:
         print(_fmt_lat("(a) raw, same rate", lat_raw))
+        print(_fmt_slow(lat_raw))
     print()
     if tp_raw is not None:
         ok_ratio = ratio >= RATIO_TARGET and tp_raw.complete and tp_rt.complete
