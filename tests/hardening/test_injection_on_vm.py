@@ -256,6 +256,19 @@ def decision(seen: Seen, case: Case) -> dict[str, Any] | None:
     return None
 
 
+async def the_event(seen: Seen, case: Case, event_type: str, timeout: float) -> dict[str, Any]:
+    """The one event of `event_type` the case's command caused. It is published with the audit
+    record of the decision but reaches the test through another queue (the events exchange's,
+    not the audit exchange's), in either order: once a CI run had the record and not yet the event."""
+
+    def found() -> list[dict[str, Any]]:
+        return [e for e in seen.events_of(case.correlation_id) if e["type"] == event_type]
+
+    await wait_until(lambda: bool(found()), timeout=timeout, what=f"{event_type} for {case.field}={case.value!r}")
+    [event] = found()
+    return event
+
+
 async def judge(seen: Seen, cases: list[Case], timeout: float = 30) -> None:
     """Wait for every decision; a refusal must carry its reason in the audit record and in the
     rejection event (a handler's decision) or the parked message (the contract's)."""
@@ -284,7 +297,7 @@ async def judge(seen: Seen, cases: list[Case], timeout: float = 30) -> None:
             assert await parked_reason(c) == reason, (c.field, c.value, reason)
         else:
             assert reason not in BESIDE_THE_POINT, (c.field, c.value, reason)
-            [event] = [e for e in seen.events_of(c.correlation_id) if e["type"] == REJECTED[c.worker]]
+            event = await the_event(seen, c, REJECTED[c.worker], timeout)
             assert event["payload"]["reason"] == reason, (c.field, c.value, event, record)
         c.outcome = f"rejected: {reason}"
 
@@ -306,7 +319,7 @@ async def firewall_one_by_one(
         # force renders to exactly the baseline.
         assert isinstance(c.value, str), f"accepted {c.field}={c.value!r}"
         assert c.value.strip() == c.clean, f"accepted {c.field}={c.value!r}"
-        [replaced] = [e for e in seen.events_of(c.correlation_id) if e["type"] == "FirewallRulesReplaced"]
+        replaced = await the_event(seen, c, "FirewallRulesReplaced", timeout=15)
         version = replaced["payload"]["version"]
         applied = await workers.outcome("firewall", SimpleNamespace(correlation_id=c.correlation_id), timeout=15)
         assert applied["type"] == APPLIED["firewall"], applied
