@@ -167,6 +167,7 @@ class OutboxRelay:
         self._to_mark: list[uuid.UUID] = []  # message ids published, not yet marked
         self._mark_due = 0.0  # when the oldest of them must be marked
         self._to_retry: list[OutboxRow] = []  # committed, their publish failed
+        self._broker_back = asyncio.Event()  # set on every reconnect: cuts a back-off short
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self._worker}")
@@ -218,6 +219,11 @@ class OutboxRelay:
             self._to_retry.extend(failed)
             self._wake.set()
 
+    def broker_back(self) -> None:
+        """The connection to the broker was restored (its channels too): retry what waits now
+        rather than at the end of the back-off, which grows to 5 s while the broker is away."""
+        self._broker_back.set()
+
     def _published(self, ids: list[uuid.UUID]) -> None:
         if not ids:
             return
@@ -252,7 +258,12 @@ class OutboxRelay:
                 # InternalClientError ("another operation is in progress"), which once ended
                 # this loop for good and left the outbox unpublished (a full-suite CI run).
                 log.warning("outbox relay: %r; retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
+                # Not the general wake-up: new rows keep coming while the broker is down, and
+                # each would start a retry at once. A reconnect may have come before this wait
+                # (then one retry goes at once, and the next failure waits in full).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._broker_back.wait(), backoff)
+                self._broker_back.clear()
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1

@@ -363,6 +363,7 @@ class WorkerRuntime(Generic[D]):
             poll_seconds=self.settings.outbox_poll_seconds,
             grace_seconds=self.settings.outbox_grace_seconds,
         )
+        self._connection.reconnect_callbacks.add(lambda *_: self.relay.broker_back())
         if self.spec.bootstrap is not None:
             self.deps = await self._stack.enter_async_context(self.spec.bootstrap(self))
         else:
