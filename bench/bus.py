@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import json
@@ -39,6 +40,7 @@ import os
 import platform
 import resource
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -411,6 +413,51 @@ async def background_busy(quiet: float, window: float = 0.5, patience: float = 1
             return pct
 
 
+class StealSampler:
+    """Host steal per vCPU over time: the time the hypervisor ran something else while a
+    vCPU of this machine had work (the `steal` column of /proc/stat, in 1/CLK_TCK ticks).
+    A vCPU stolen for 50-100 ms stalls whatever process was on it, and no code in this
+    machine can make up for that, so each latency run says how much of its tail coincides
+    with it. A thread of the load generator reads the file every 10 ms (a few µs each)."""
+
+    def __init__(self, every: float = 0.01) -> None:
+        self.every = every
+        self.samples: list[tuple[float, list[int]]] = []  # (perf_counter, steal ticks per vCPU)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steal-sampler", daemon=True)
+
+    @staticmethod
+    def read() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(line.split()[8]) for line in f if line.startswith("cpu") and line[3].isdigit()]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.read()))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> StealSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def since(self, start: float) -> list[tuple[float, list[int]]]:
+        """The samples with times in seconds from `start` (a perf_counter time)."""
+        return [(t - start, v) for t, v in self.samples]
+
+
+def stolen_ms(samples: Sequence[tuple[float, Sequence[int]]], t0: float, t1: float) -> list[float]:
+    """Steal per vCPU between times t0 and t1 of `samples` (ms, at tick resolution)."""
+    before = next((v for t, v in reversed(samples) if t <= t0), None)
+    after = next((v for t, v in samples if t >= t1), None)
+    if before is None or after is None:
+        return []
+    return [(b - a) * 1000 / CLK_TCK for a, b in zip(before, after, strict=True)]
+
+
 @dataclass
 class PgSample:
     commits: int
@@ -463,6 +510,7 @@ class Latency:
     worker_cpu_ms_per_msg: float = float("nan")
     pg_commits_per_msg: float = float("nan")
     series: Sequence[tuple[float, float]] = ()  # (send time in s from the start, latency in ms)
+    steal: Sequence[tuple[float, Sequence[int]]] = ()  # StealSampler samples, s from the start
 
 
 def slow_spans(
@@ -625,6 +673,8 @@ class Driver:
         pg0 = await pg_sample(self.args.database_url)
         cpu0 = cpu_sample(self.worker.pid)
         _, busy0 = _machine_busy()
+        steal = StealSampler()
+        steal.__enter__()
         start = time.perf_counter()
         i = 0
         while i < count:
@@ -640,6 +690,7 @@ class Driver:
         if tasks:
             await asyncio.gather(*tasks)
         await self.collector.wait(30)
+        steal.__exit__()
         cpu1 = cpu_sample(self.worker.pid)
         await asyncio.sleep(1.5)  # PostgreSQL backends publish their statistics about once a second
         pg1 = await pg_sample(self.args.database_url)
@@ -668,6 +719,7 @@ class Driver:
             worker_cpu_ms_per_msg=cpu0.per_group(cpu1).get("worker", 0) / CLK_TCK * 1000 / max(len(lat), 1),
             pg_commits_per_msg=(pg1.commits - pg0.commits) / max(len(lat), 1) if pg0 and pg1 else float("nan"),
             series=series,
+            steal=steal.since(start),
         )
 
     async def cleanup(self, channel: AbstractChannel) -> None:
@@ -719,14 +771,44 @@ def _fmt_lat(label: str, lat: Latency) -> str:
 
 def _fmt_slow(lat: Latency) -> str:
     """Where the tail comes from: the p99 without the run's first second (the worker going from
-    idle to the full rate) and the spans of slow messages."""
+    idle to the full rate), the host's steal, and the spans of slow messages with the steal
+    around each (sent in the span or the 0.1 s before it)."""
     later = sorted(ms for t, ms in lat.series if t >= 1.0)
     spans = slow_spans(lat.series, P99_TARGET_MS)
-    where = ", ".join(f"{a:.1f}-{b:.1f} s (max {ms:.0f})" for a, b, ms in spans) or "none"
+
+    def ms_list(values: Sequence[float]) -> str:
+        return "/".join(f"{x:.0f}" for x in values)
+
+    def stolen(a: float, b: float) -> str:
+        ms = stolen_ms(lat.steal, a - 0.1, b)
+        return f", steal {ms_list(ms)}" if ms else ""
+
+    where = ", ".join(f"{a:.1f}-{b:.1f} s (max {ms:.0f}{stolen(a, b)})" for a, b, ms in spans) or "none"
+    total = stolen_ms(lat.steal, 0.0, lat.steal[-1][0]) if lat.steal else []
+    clean = unstolen_latencies(lat.series, lat.steal)
     return (
-        f"{'':26}p99 after the first second {percentile(later, 99):6.1f} ms;"
-        f" sent in a 0.1 s window with a message over {P99_TARGET_MS:g} ms: {where}"
+        f"{'':26}p99 after the first second {percentile(later, 99):6.1f} ms; host steal per vCPU {ms_list(total)} ms;"
+        f" p99 of the {len(clean)} messages with no steal in flight {percentile(clean, 99):.1f} ms\n"
+        f"{'':26}sent in a 0.1 s window with a message over {P99_TARGET_MS:g} ms: {where}"
     )
+
+
+def unstolen_latencies(
+    series: Sequence[tuple[float, float]], steal: Sequence[tuple[float, Sequence[int]]]
+) -> list[float]:
+    """The latencies (ascending) of the messages during whose flight, send to arrival, no vCPU
+    had a steal tick. Ticks are 1/CLK_TCK s, so a flight is checked from the sample before
+    its send to the sample after its arrival."""
+    times = [t for t, _ in steal]
+    # Total steal of all vCPUs at each sample: a flight saw steal iff the total grew across it.
+    totals = [sum(v) for _, v in steal]
+    out: list[float] = []
+    for t, ms in series:
+        i = max(0, bisect.bisect_right(times, t) - 1)
+        j = min(len(times) - 1, bisect.bisect_left(times, t + ms / 1000))
+        if times and totals[j] == totals[i]:
+            out.append(ms)
+    return sorted(out)
 
 
 async def server_versions(args: argparse.Namespace) -> tuple[str, str]:

@@ -1,0 +1,40 @@
+"""The pure arithmetic behind bench/bus.py's tail figures (the benchmark itself is not part of
+the suite): which messages count as untouched by host steal, and where the slow spans are."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.bus import CLK_TCK, slow_spans, stolen_ms, unstolen_latencies
+
+TICK_MS = 1000 / CLK_TCK
+
+# Steal samples every 10 ms over 1 s: vCPU 1 loses one tick between 0.50 and 0.51 s.
+STEAL = [(i / 100, [0, 0 if i <= 50 else 1]) for i in range(101)]
+
+
+def test_a_message_in_flight_across_a_steal_tick_is_left_out() -> None:
+    series = [
+        (0.10, 5.0),  # 0.100-0.105 s: before the tick
+        (0.48, 40.0),  # 0.480-0.520 s: across it
+        (0.505, 3.0),  # 0.505-0.508 s: inside the sample interval that holds it
+        (0.70, 20.0),  # after it
+    ]
+    assert unstolen_latencies(series, STEAL) == [5.0, 20.0]
+
+
+def test_without_steal_every_message_counts() -> None:
+    quiet = [(t, [3, 7]) for t, _ in STEAL]
+    series = [(0.1 * k, float(k)) for k in range(10)]
+    assert unstolen_latencies(series, quiet) == sorted(ms for _, ms in series)
+
+
+def test_stolen_ms_per_vcpu_between_two_times() -> None:
+    assert stolen_ms(STEAL, 0.0, 0.4) == [0.0, 0.0]
+    assert stolen_ms(STEAL, 0.4, 0.6) == [0.0, TICK_MS]
+    assert stolen_ms([], 0.0, 1.0) == []
+
+
+def test_slow_spans_merge_adjacent_windows() -> None:
+    series = [(0.05, 30.0), (0.15, 40.0), (0.25, 5.0), (0.55, 26.0)]
+    assert slow_spans(series, 25.0) == [(0.0, 0.2, 40.0), (0.5, pytest.approx(0.6), 26.0)]
