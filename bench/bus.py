@@ -488,6 +488,7 @@ class Throughput:
     cpu_ms_per_msg: dict[str, float]
     machine_busy_pct: float
     background_pct: float
+    steal_pct: float  # vCPU time the host gave to other guests during the run
     pg_commits_per_msg: float | None = None
     wal_syncs_per_msg: float | None = None
 
@@ -622,11 +623,13 @@ class Driver:
             await self.worker.call("profile on")
         pg0 = await pg_sample(self.args.database_url)
         cpu0 = cpu_sample(self.worker.pid)
+        steal0 = sum(StealSampler.read())
         t0 = time.perf_counter()
         await self.worker.call("resume")
         complete = await self.collector.wait(max(60.0, count / 20))
         t1 = max(self.collector.arrived.values()) if self.collector.arrived else time.perf_counter()
         cpu1 = cpu_sample(self.worker.pid)
+        steal1 = sum(StealSampler.read())
         await asyncio.sleep(1.5)  # PostgreSQL backends publish their statistics about once a second
         pg1 = await pg_sample(self.args.database_url)
         await self.worker.call("pause")
@@ -639,7 +642,8 @@ class Driver:
         busy_ms = (cpu1.machine_busy - cpu0.machine_busy) / CLK_TCK * 1000
         busy = busy_ms / 1000 / (wall * (os.cpu_count() or 1)) * 100
         per_msg["other"] = max(0.0, busy_ms / max(got, 1) - sum(per_msg.values()))
-        result = Throughput(got, t1 - t0, complete, per_msg, busy, background)
+        steal = (steal1 - steal0) / CLK_TCK / (wall * (os.cpu_count() or 1)) * 100
+        result = Throughput(got, t1 - t0, complete, per_msg, busy, background, steal)
         if pg0 is not None and pg1 is not None and got:
             result.pg_commits_per_msg = (pg1.commits - pg0.commits) / got
             result.wal_syncs_per_msg = (pg1.wal_syncs - pg0.wal_syncs) / got
@@ -754,7 +758,7 @@ def _fmt_tp(label: str, tp: Throughput) -> str:
         pg = f"  [PG per msg: {tp.pg_commits_per_msg:.2f} commits, {tp.wal_syncs_per_msg:.2f} WAL syncs]"
     return (
         f"  {label:<22} {tp.rate:7.0f} msg/s {tp.seconds:7.2f} s   busy {tp.machine_busy_pct:3.0f}% "
-        f"(before {tp.background_pct:3.0f}%)  "
+        f"(before {tp.background_pct:3.0f}%, steal {tp.steal_pct:3.0f}%)  "
         f"{cpu['worker']:6.3f} {cpu['postgres']:6.3f} {cpu['rabbitmq']:6.3f} {cpu['bench']:6.3f} {cpu['other']:5.3f}"
         f"{pg}{flag}"
     )
@@ -880,7 +884,7 @@ async def bench(args: argparse.Namespace) -> int:
     print()
     print(f"Throughput (drain of a backlog){'CPU ms per message':>60}")
     print(
-        f"  {'':<22} {'rate':>13} {'time':>9}   {'machine CPU':<24}  "
+        f"  {'':<22} {'rate':>13} {'time':>9}   {'machine CPU':<34}  "
         f"{'worker':>6} {'pgsql':>6} {'rabbit':>6} {'bench':>6} {'other':>5}"
     )
     if tp_raw is not None:
@@ -890,7 +894,8 @@ async def bench(args: argparse.Namespace) -> int:
     print(f"  ratio b/a {ratio:.2f}")
     print(
         "  (busy = machine CPU use during the run, before = while the workers were idle just before it,\n"
-        "   i.e. other tenants; other = machine CPU not in the four columns: kernel, softirq, other processes)"
+        "   i.e. other tenants; steal = vCPU time the host gave to other guests while the run wanted it;\n"
+        "   other = machine CPU not in the four columns: kernel, softirq, other processes)"
     )
     print()
     print(f"Latency, command publish -> event at the collector, steady {rate:.0f} msg/s for {args.seconds:g} s")
