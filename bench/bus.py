@@ -436,11 +436,10 @@ class StealSampler:
             self.samples.append((time.perf_counter(), self.read()))
             self._stop.wait(self.every)
 
-    def __enter__(self) -> StealSampler:
+    def start(self) -> None:
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -678,23 +677,25 @@ class Driver:
         cpu0 = cpu_sample(self.worker.pid)
         _, busy0 = _machine_busy()
         steal = StealSampler()
-        steal.__enter__()
+        steal.start()
         start = time.perf_counter()
-        i = 0
-        while i < count:
-            now = time.perf_counter()
-            due = min(count, int((now - start) * rate) + 1)
-            while i < due:
-                t = asyncio.create_task(send(ns[i]))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-                i += 1
-            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-        last_send, busy1 = _machine_busy()
-        if tasks:
-            await asyncio.gather(*tasks)
-        await self.collector.wait(30)
-        steal.__exit__()
+        try:
+            i = 0
+            while i < count:
+                now = time.perf_counter()
+                due = min(count, int((now - start) * rate) + 1)
+                while i < due:
+                    t = asyncio.create_task(send(ns[i]))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                    i += 1
+                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            last_send, busy1 = _machine_busy()
+            if tasks:
+                await asyncio.gather(*tasks)
+            await self.collector.wait(30)
+        finally:
+            steal.stop()
         cpu1 = cpu_sample(self.worker.pid)
         await asyncio.sleep(1.5)  # PostgreSQL backends publish their statistics about once a second
         pg1 = await pg_sample(self.args.database_url)
@@ -909,6 +910,9 @@ async def bench(args: argparse.Namespace) -> int:
         ok_ratio = ratio >= RATIO_TARGET and tp_raw.complete and tp_rt.complete
         verdict = "TARGET MET" if ok_ratio else "TARGET MISSED"
         print(f"{verdict}: throughput ratio b/a = {ratio:.2f} (target >= {RATIO_TARGET})")
+    if args.rate:
+        print(f"(b) p99 latency at --rate {args.rate:g} = {lat_rt.p99_ms:.1f} ms (no verdict: not half the maximum)")
+        return 0
     ok_p99 = lat_rt.p99_ms <= P99_TARGET_MS and lat_rt.received == lat_rt.sent
     verdict = "TARGET MET" if ok_p99 else "TARGET MISSED"
     print(f"{verdict}: (b) p99 latency at half its maximum = {lat_rt.p99_ms:.1f} ms (target <= {P99_TARGET_MS:g} ms)")
