@@ -347,6 +347,7 @@ GROUPS = ("worker", "postgres", "rabbitmq", "bench")
 class CpuSample:
     wall: float
     machine_busy: int  # jiffies, all CPUs
+    steal: int  # jiffies the host gave to other guests, all CPUs
     procs: dict[int, tuple[str, int]]  # pid -> (group, jiffies)
 
     def per_group(self, later: CpuSample) -> dict[str, int]:
@@ -372,7 +373,7 @@ def _proc_jiffies(pid: int) -> tuple[str, int] | None:
 
 def cpu_sample(worker_pid: int) -> CpuSample:
     """CPU time so far of the worker, this process, PostgreSQL and RabbitMQ (from /proc)."""
-    wall, busy = _machine_busy()
+    wall, busy, steal = _machine_busy()
     me = os.getpid()
     procs: dict[int, tuple[str, int]] = {}
     for entry in os.listdir("/proc"):
@@ -391,13 +392,16 @@ def cpu_sample(worker_pid: int) -> CpuSample:
             procs[pid] = ("postgres", jiffies)
         elif comm in ("beam.smp", "erl_child_setup", "epmd", "inet_gethost"):
             procs[pid] = ("rabbitmq", jiffies)
-    return CpuSample(wall, busy, procs)
+    return CpuSample(wall, busy, steal, procs)
 
 
-def _machine_busy() -> tuple[float, int]:
+def _machine_busy() -> tuple[float, int, int]:
+    """(now, jiffies the CPUs were busy, jiffies stolen by the host), all CPUs so far. Busy
+    leaves out idle, iowait and steal: time the vCPUs ran nothing of this machine's."""
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
-    return time.perf_counter(), sum(parts) - parts[3] - parts[4]
+    steal = parts[7]
+    return time.perf_counter(), sum(parts) - parts[3] - parts[4] - steal, steal
 
 
 async def background_busy(quiet: float, window: float = 0.5, patience: float = 120.0) -> float:
@@ -405,9 +409,9 @@ async def background_busy(quiet: float, window: float = 0.5, patience: float = 1
     With `quiet` > 0, wait (up to `patience` s) until it is below `quiet` %."""
     deadline = time.perf_counter() + patience
     while True:
-        t0, b0 = _machine_busy()
+        t0, b0, _ = _machine_busy()
         await asyncio.sleep(window)
-        t1, b1 = _machine_busy()
+        t1, b1, _ = _machine_busy()
         pct = (b1 - b0) / CLK_TCK / ((t1 - t0) * (os.cpu_count() or 1)) * 100
         if quiet <= 0 or pct < quiet or time.perf_counter() > deadline:
             return pct
@@ -622,13 +626,11 @@ class Driver:
             await self.worker.call("profile on")
         pg0 = await pg_sample(self.args.database_url)
         cpu0 = cpu_sample(self.worker.pid)
-        steal0 = sum(StealSampler.read())
         t0 = time.perf_counter()
         await self.worker.call("resume")
         complete = await self.collector.wait(max(60.0, count / 20))
         t1 = max(self.collector.arrived.values()) if self.collector.arrived else time.perf_counter()
         cpu1 = cpu_sample(self.worker.pid)
-        steal1 = sum(StealSampler.read())
         await asyncio.sleep(1.5)  # PostgreSQL backends publish their statistics about once a second
         pg1 = await pg_sample(self.args.database_url)
         await self.worker.call("pause")
@@ -641,7 +643,7 @@ class Driver:
         busy_ms = (cpu1.machine_busy - cpu0.machine_busy) / CLK_TCK * 1000
         busy = busy_ms / 1000 / (wall * (os.cpu_count() or 1)) * 100
         per_msg["other"] = max(0.0, busy_ms / max(got, 1) - sum(per_msg.values()))
-        steal = (steal1 - steal0) / CLK_TCK / (wall * (os.cpu_count() or 1)) * 100
+        steal = (cpu1.steal - cpu0.steal) / CLK_TCK / (wall * (os.cpu_count() or 1)) * 100
         result = Throughput(got, t1 - t0, complete, per_msg, busy, background, steal)
         if pg0 is not None and pg1 is not None and got:
             result.pg_commits_per_msg = (pg1.commits - pg0.commits) / got
@@ -675,7 +677,7 @@ class Driver:
             await self.worker.call("profile on")
         pg0 = await pg_sample(self.args.database_url)
         cpu0 = cpu_sample(self.worker.pid)
-        _, busy0 = _machine_busy()
+        _, busy0, _ = _machine_busy()
         steal = StealSampler()
         steal.start()
         start = time.perf_counter()
@@ -690,7 +692,7 @@ class Driver:
                     t.add_done_callback(tasks.discard)
                     i += 1
                 await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-            last_send, busy1 = _machine_busy()
+            last_send, busy1, _ = _machine_busy()
             if tasks:
                 await asyncio.gather(*tasks)
             await self.collector.wait(30)

@@ -562,16 +562,18 @@ async def main(args: argparse.Namespace) -> int:
     print(f"Palisade relay                    {med('palisade'):8.1f} msg/s   relay CPU "
           f"{med('palisade', 'cpu_ms'):5.2f} ms/msg")  # fmt: skip
     print(f"ratio Palisade / bare             {ratio:8.2f}   (target >= {RATIO_TARGET})")
-    pairs = list(zip(results["palisade"], results["bare"], strict=True))
-    paired = sorted(p.rate / b.rate for p, b in pairs)
-    print(f"  per round (each Palisade round over the bare round just before it): "
-          f"{', '.join(f'{x:.2f}' for x in paired)}; median {statistics.median(paired):.2f}")  # fmt: skip
-    quiet = sorted(p.rate / b.rate for p, b in pairs if max(p.steal_pct, b.steal_pct) < QUIET_STEAL_PCT)
-    print(f"  the same over the {len(quiet)} pairs in which the host took under {QUIET_STEAL_PCT:g} % of the vCPUs"
-          f" in both rounds: {', '.join(f'{x:.2f}' for x in quiet) or '-'}"
-          + (f"; median {statistics.median(quiet):.2f}" if quiet else ""))  # fmt: skip
     print(f"  the same from CPU per message     {med('bare', 'cpu_ms') / med('palisade', 'cpu_ms'):6.2f}"
           "   (what one relay process can do when it has a core to itself)")  # fmt: skip
+    # Each Palisade round over the bare round just before it, with the more of the two's steal.
+    rounds = zip(results["palisade"], results["bare"], strict=True)
+    pairs = [(p.rate / b.rate, max(p.steal_pct, b.steal_pct)) for p, b in rounds]
+    paired = sorted(r for r, _ in pairs)
+    quiet = sorted(r for r, steal in pairs if steal < QUIET_STEAL_PCT)
+    print(f"  per round (each Palisade round over the bare round just before it): "
+          f"{', '.join(f'{x:.2f}' for x in paired)}; median {statistics.median(paired):.2f}")  # fmt: skip
+    print(f"  over the {len(quiet)} pairs in which the host took under {QUIET_STEAL_PCT:g} % of the vCPUs"
+          f" in both rounds: {', '.join(f'{x:.2f}' for x in quiet) or '-'}"
+          + (f"; median {statistics.median(quiet):.2f}" if quiet else ""))  # fmt: skip
     for key in ("bare", "palisade"):
         by_role = {role: statistics.median(x.machine_ms[role] for x in results[key]) for role in ROLES}
         print(f"  machine CPU per message, {key + ':':9} {sum(by_role.values()):5.2f} ms  ("
