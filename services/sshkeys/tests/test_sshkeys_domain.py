@@ -169,3 +169,10 @@ def test_no_title_can_add_a_line_or_an_option_to_the_file(title: str) -> None:
     kind, blob, comment = lines[2].split(" ", 2)
     assert (kind, blob, comment) == (*automation.split(), cleaned)
     assert len(cleaned) <= domain.MAX_TITLE_LENGTH
+
+
+def test_only_the_form_of_a_fingerprint_is_one(keys: dict[str, asyncssh.SSHKey]) -> None:
+    printed = next(iter(keys.values())).get_fingerprint("sha256")
+    assert domain.is_fingerprint(printed)
+    for text in (f"{printed}\x00", f"{printed} ", printed[:-1], printed.replace("SHA256", "MD5"), "", "my laptop"):
+        assert not domain.is_fingerprint(text), text

@@ -334,6 +334,17 @@ async def test_invalid_keys_are_rejected_with_their_reason_and_nothing_is_pushed
         assert (audit["outcome"], audit["reason"]) == ("rejected", reason)
     unknown = await h.add("svc-nobody", "x", ed)
     assert (await h.decision(unknown))["payload"]["reason"] == "unknown_service"
+    # A removal by what is no fingerprint at all, a NUL included (which PostgreSQL's text cannot
+    # hold: looked up, it failed every attempt and was parked with a database error).
+    good_fingerprint = good.get_fingerprint("sha256")
+    removals = [
+        await h.send(sk.SshKeyRemoved(fingerprint=text), service_id)
+        for text in (f"{good_fingerprint}\x00", "SHA256:\x00", "my laptop")
+    ]
+    for env in removals:
+        decision = await h.decision(env)
+        assert (decision["type"], decision["payload"]["reason"]) == ("SshKeyRemovalRejected", "unknown_fingerprint")
+        assert (await h.audit_of(message_id=str(env.message_id)))["outcome"] == "rejected"
 
     # Let any (wrong) write happen before looking: one more valid change is written after them.
     probe, _ = h.user_key("probe")
@@ -341,6 +352,8 @@ async def test_invalid_keys_are_rejected_with_their_reason_and_nothing_is_pushed
     await h.written(last)
     for env, _ in sent:
         assert h.of_correlation(env) == ["SshKeyRejected"]  # no write was asked for
+    for env in removals:
+        assert h.of_correlation(env) == ["SshKeyRemovalRejected"]
     assert h.rt.deps.hosts.stats(vm.identity).sessions - sessions == 4  # only the probe's write
     after = keys_file.read_bytes()
     assert after.startswith(before[0])

@@ -31,6 +31,8 @@ _ECDSA_BITS = {"ecdsa-sha2-nistp256": 256, "ecdsa-sha2-nistp384": 384, "ecdsa-sh
 # to tell an options prefix or an unsupported type from plain garbage.
 _KEY_TYPE = re.compile(r"^(ssh|ecdsa|sk|rsa|x509v3)-[A-Za-z0-9@.+-]+$")
 _BLOB = re.compile(r"^AAAA[A-Za-z0-9+/]+={0,3}$")
+# A key's fingerprint as `ssh-keygen -l` prints it: every stored key's has this form.
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
 
 class KeyRefused(Exception):  # noqa: N818 - a decision, not an error
@@ -110,6 +112,12 @@ def _bits(kind: str, key: asyncssh.SSHKey) -> int:
     if not isinstance(pyca, rsa.RSAPublicKey | rsa.RSAPrivateKey):
         raise KeyRefused("key_invalid")
     return int(pyca.key_size)
+
+
+def is_fingerprint(text: str) -> bool:
+    """Whether `text` has the form of a key's fingerprint. Anything else names no stored key,
+    and need not be looked up; some could not be (PostgreSQL's text cannot hold a NUL)."""
+    return _FINGERPRINT.fullmatch(text) is not None
 
 
 def clean_title(title: str) -> str:

@@ -110,7 +110,8 @@ async def key_removed(cmd: sk.SshKeyRemoved, ctx: Ctx) -> None:
     if await store.lock_service(ctx.db, service_id) is None:
         event = sk.SshKeyRemovalRejected(reason="unknown_service", fingerprint=cmd.fingerprint)
         raise _reject(ctx, "unknown_service", event)
-    if not await store.remove_key(ctx.db, service_id, cmd.fingerprint):
+    # The contract takes any text here, so that a mistyped fingerprint gets this answer.
+    if not domain.is_fingerprint(cmd.fingerprint) or not await store.remove_key(ctx.db, service_id, cmd.fingerprint):
         event = sk.SshKeyRemovalRejected(reason="unknown_fingerprint", fingerprint=cmd.fingerprint)
         raise _reject(ctx, "unknown_fingerprint", event, fingerprint=cmd.fingerprint[:100])
     ctx.audit_detail.update(fingerprint=cmd.fingerprint)
