@@ -1,11 +1,12 @@
-"""The pure arithmetic behind bench/bus.py's tail figures (the benchmark itself is not part of
-the suite): which messages count as untouched by host steal, and where the slow spans are."""
+"""The pure arithmetic behind bench/bus.py's figures (the benchmark itself is not part of the
+suite): which messages count as untouched by host steal, where the slow spans are, and the CPU
+per message of each process group."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.bus import CLK_TCK, slow_spans, stolen_ms, unstolen_latencies
+from bench.bus import CLK_TCK, CpuSample, cpu_ms_per_msg, slow_spans, stolen_ms, unstolen_latencies
 
 TICK_MS = 1000 / CLK_TCK
 
@@ -38,3 +39,17 @@ def test_stolen_ms_per_vcpu_between_two_times() -> None:
 def test_slow_spans_merge_adjacent_windows() -> None:
     series = [(0.05, 30.0), (0.15, 40.0), (0.25, 5.0), (0.55, 26.0)]
     assert slow_spans(series, 25.0) == [(0.0, 0.2, 40.0), (0.5, pytest.approx(0.6), 26.0)]
+
+
+def test_cpu_per_message_per_group_and_the_rest_as_other() -> None:
+    before = CpuSample(0.0, 1000, 0, {10: ("worker", 50), 11: ("postgres", 5), 12: ("bench", 7)})
+    # 200 messages; the machine was busy 4 * CLK_TCK jiffies: worker 2 s, postgres 0.5 s,
+    # a process gone meanwhile is not counted, and 1.5 s went to nobody in the groups.
+    after = CpuSample(
+        1.0, 1000 + 4 * CLK_TCK, 0, {10: ("worker", 50 + 2 * CLK_TCK), 11: ("postgres", 5 + CLK_TCK // 2)}
+    )
+    per_msg = cpu_ms_per_msg(before, after, 200)
+    assert per_msg["worker"] == pytest.approx(10.0)
+    assert per_msg["postgres"] == pytest.approx(2.5, abs=TICK_MS / 200)
+    assert per_msg["bench"] == 0.0
+    assert per_msg["other"] == pytest.approx(7.5, abs=TICK_MS / 200)
