@@ -356,14 +356,22 @@ class CpuSample:
     machine_busy: int  # jiffies, all CPUs
     steal: int  # jiffies the host gave to other guests, all CPUs
     procs: dict[int, tuple[str, int]]  # pid -> (group, jiffies)
+    waits: dict[int, float] = field(default_factory=dict)  # pid -> runqueue_wait_ms so far
 
     def per_group(self, later: CpuSample) -> dict[str, int]:
-        """Jiffies used per group between this sample and `later`, over processes alive in both."""
+        """Jiffies used per group between this sample and `later`: a process born in between
+        counts whole (a pool's new connection); one that ended in between is lost."""
         out = dict.fromkeys(GROUPS, 0)
         for pid, (group, jiffies) in later.procs.items():
             before = self.procs.get(pid)
-            if before is not None:
-                out[group] += jiffies - before[1]
+            out[group] += jiffies - (before[1] if before is not None else 0)
+        return out
+
+    def wait_per_group(self, later: CpuSample) -> dict[str, float]:
+        """Ms each group spent runnable but waiting for a core between the two samples."""
+        out = dict.fromkeys(GROUPS, 0.0)
+        for pid, (group, _) in later.procs.items():
+            out[group] += later.waits.get(pid, 0.0) - self.waits.get(pid, 0.0)
         return out
 
 
@@ -375,6 +383,23 @@ def cpu_ms_per_msg(before: CpuSample, after: CpuSample, messages: int) -> dict[s
     busy = (after.machine_busy - before.machine_busy) / CLK_TCK * 1000 / n
     out["other"] = max(0.0, busy - sum(out.values()))
     return out
+
+
+def runqueue_wait_ms(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a core, so far (ms; the second
+    field of /proc/<pid>/task/<tid>/schedstat, in ns)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e6
 
 
 def _proc_jiffies(pid: int) -> tuple[str, int] | None:
@@ -409,7 +434,7 @@ def cpu_sample(worker_pid: int) -> CpuSample:
             procs[pid] = ("postgres", jiffies)
         elif comm in ("beam.smp", "erl_child_setup", "epmd", "inet_gethost"):
             procs[pid] = ("rabbitmq", jiffies)
-    return CpuSample(wall, busy, steal, procs)
+    return CpuSample(wall, busy, steal, procs, {pid: runqueue_wait_ms(pid) for pid in procs})
 
 
 def _machine_busy() -> tuple[float, int, int]:
@@ -529,6 +554,7 @@ class Latency:
     max_ms: float
     machine_busy_pct: float
     cpu_ms_per_msg: Mapping[str, float] = field(default_factory=dict)  # per group, as Throughput's
+    wait_ms_per_msg: Mapping[str, float] = field(default_factory=dict)  # per group: runnable, no core
     pg_commits_per_msg: float = float("nan")
     series: Sequence[tuple[float, float]] = ()  # (send time in s from the start, latency in ms)
     steal: Sequence[tuple[float, Sequence[int]]] = ()  # StealSampler samples, s from the start
@@ -738,6 +764,7 @@ class Driver:
             max_ms=lat[-1] if lat else float("nan"),
             machine_busy_pct=(busy1 - busy0) / CLK_TCK / ((last_send - start) * (os.cpu_count() or 1)) * 100,
             cpu_ms_per_msg=cpu_ms_per_msg(cpu0, cpu1, len(lat)),
+            wait_ms_per_msg={g: ms / max(len(lat), 1) for g, ms in cpu0.wait_per_group(cpu1).items()},
             pg_commits_per_msg=(pg1.commits - pg0.commits) / max(len(lat), 1) if pg0 and pg1 else float("nan"),
             series=series,
             steal=steal.since(start),
@@ -786,7 +813,10 @@ def _fmt_lat(label: str, lat: Latency) -> str:
         f"  {label:<22} {lat.achieved_rate:7.0f} msg/s  {lat.received:>6}/{lat.sent:<6} "
         f"p50 {lat.p50_ms:6.1f} ms  p90 {lat.p90_ms:6.1f} ms  p99 {lat.p99_ms:6.1f} ms  max {lat.max_ms:6.1f} ms  "
         f"(machine {lat.machine_busy_pct:.0f}% busy, PG {lat.pg_commits_per_msg:.2f} commits per msg)\n"
-        f"{'':26}CPU ms per msg: " + ", ".join(f"{g} {ms:.3f}" for g, ms in lat.cpu_ms_per_msg.items())
+        f"{'':26}CPU ms per msg: "
+        + ", ".join(f"{g} {ms:.3f}" for g, ms in lat.cpu_ms_per_msg.items())
+        + f"\n{'':26}waiting for a core (runnable, not running), ms per msg: "
+        + ", ".join(f"{g} {ms:.3f}" for g, ms in lat.wait_ms_per_msg.items())
     )
 
 

@@ -43,13 +43,25 @@ def test_slow_spans_merge_adjacent_windows() -> None:
 
 def test_cpu_per_message_per_group_and_the_rest_as_other() -> None:
     before = CpuSample(0.0, 1000, 0, {10: ("worker", 50), 11: ("postgres", 5), 12: ("bench", 7)})
-    # 200 messages; the machine was busy 4 * CLK_TCK jiffies: worker 2 s, postgres 0.5 s,
-    # a process gone meanwhile is not counted, and 1.5 s went to nobody in the groups.
+    # 200 messages; the machine was busy 4 * CLK_TCK jiffies: the worker 2 s, postgres 0.5 s in
+    # the backend that lived throughout and 0.25 s in one born meanwhile (counted whole), the
+    # bench process gone meanwhile is not counted, and the rest went to nobody in the groups.
     after = CpuSample(
-        1.0, 1000 + 4 * CLK_TCK, 0, {10: ("worker", 50 + 2 * CLK_TCK), 11: ("postgres", 5 + CLK_TCK // 2)}
+        1.0,
+        1000 + 4 * CLK_TCK,
+        0,
+        {10: ("worker", 50 + 2 * CLK_TCK), 11: ("postgres", 5 + CLK_TCK // 2), 13: ("postgres", CLK_TCK // 4)},
     )
     per_msg = cpu_ms_per_msg(before, after, 200)
     assert per_msg["worker"] == pytest.approx(10.0)
-    assert per_msg["postgres"] == pytest.approx(2.5, abs=TICK_MS / 200)
+    assert per_msg["postgres"] == pytest.approx(3.75, abs=2 * TICK_MS / 200)
     assert per_msg["bench"] == 0.0
-    assert per_msg["other"] == pytest.approx(7.5, abs=TICK_MS / 200)
+    assert per_msg["other"] == pytest.approx(6.25, abs=2 * TICK_MS / 200)
+
+
+def test_runqueue_wait_per_group() -> None:
+    before = CpuSample(0.0, 0, 0, {10: ("worker", 0), 11: ("postgres", 0)}, {10: 100.0, 11: 40.0})
+    after = CpuSample(
+        1.0, 0, 0, {10: ("worker", 0), 11: ("postgres", 0), 13: ("postgres", 0)}, {10: 130.0, 11: 45.0, 13: 2.0}
+    )
+    assert before.wait_per_group(after) == {"worker": 30.0, "postgres": 7.0, "rabbitmq": 0.0, "bench": 0.0}
