@@ -389,3 +389,50 @@ async def test_retry_queues_from_before_the_ladder_exchange_are_kept_and_still_r
     finally:
         await rt.stop()
         await drop_worker_state(spec.name, amqp)
+
+
+async def test_a_slow_handling_holds_back_no_other_ack_and_every_message_is_acked(run_worker, client, collect):
+    """Acks leave in runs (acks.py); one behind a handling still in progress goes alone at once.
+    With a prefetch of 2, one slow message and an ack held back behind it would stall the
+    consumer after the next message. At the end nothing is left unacked: a second worker on the
+    queue finds no redelivery before a message sent last."""
+    from importlib.resources import files
+
+    from prometheus_client import REGISTRY
+
+    from palisade_events import WorkerSpec
+    from tests.backbone.probe import probe_types
+
+    name = unique("probe")
+    t = probe_types(name)
+    release = asyncio.Event()
+
+    async def on_command(cmd, ctx) -> None:
+        if cmd.n == 0:
+            await release.wait()
+        await ctx.db.execute("INSERT INTO effects (message_id, n) VALUES ($1, $2)", ctx.envelope.message_id, cmd.n)
+        await ctx.emit(t.ProbeDone(n=cmd.n))
+
+    spec = WorkerSpec(
+        name=name, handlers={t.ProbeCommand: on_command}, migrations=files("tests.backbone") / "probe_migrations"
+    )
+    events = await collect(EVENTS_EXCHANGE, f"{name}.ProbeDone")
+    rt = await run_worker(spec, prefetch=2)
+    await client.publish(t.ProbeCommand(n=0), service_id="svc-slow")
+    for i in range(1, 21):
+        await client.publish(t.ProbeCommand(n=i), service_id=f"svc-{i}")
+    done = await events.wait_for(20, timeout=20)
+    assert sorted(d.json()["payload"]["n"] for d in done) == list(range(1, 21))
+    release.set()
+    await events.wait_for(21, timeout=10)
+    await rt.stop()  # closes its channel: the broker would requeue anything left unacked
+
+    def duplicates() -> float:
+        labels = {"worker": name, "type": "ProbeCommand", "outcome": "duplicate"}
+        return REGISTRY.get_sample_value("palisade_messages_total", labels) or 0.0
+
+    second = await run_worker(spec, prefetch=1)  # one at a time, in queue order
+    await client.publish(t.ProbeCommand(n=99), service_id="svc-last")
+    await events.wait_for(22, timeout=10)
+    assert duplicates() == 0, "a handled message came back: its ack was never sent"
+    assert second.handled == 1

@@ -29,6 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import db, outbox, topology
+from .acks import ACK_TIMEOUT_SECONDS, Acker
 from .amqp import Publisher, PublishError, connect
 from .audit import AuditRecord, Outcome
 from .clock import Clock
@@ -62,9 +63,6 @@ from .observability import span as start_span
 from .settings import RuntimeSettings
 
 log = logging.getLogger("palisade.runtime")
-
-# An ack or nack is one frame on a local socket: this only ends one that can never complete.
-ACK_TIMEOUT_SECONDS = 5.0
 
 D = TypeVar("D")
 P = TypeVar("P", bound=Payload)
@@ -299,6 +297,7 @@ class WorkerRuntime(Generic[D]):
         self.schema = db.schema_name(spec.name)
         self._types = spec.types()
         self._serializer = _Serializer()
+        self._acks = Acker()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._inflight_count = 0
         self._group: GroupCommit[_GroupItem, tuple[str, Reply | None]] | None = None
@@ -418,6 +417,7 @@ class WorkerRuntime(Generic[D]):
             _, pending = await asyncio.wait(self._inflight, timeout=self.settings.shutdown_grace_seconds)
             for t in pending:
                 t.cancel()
+        await self._acks.drain()
         await self._stack.aclose()
         log.info("%s stopped", self.name)
 
@@ -509,6 +509,7 @@ class WorkerRuntime(Generic[D]):
         except DecodeError as exc:
             env, error = None, str(exc)
         key = self.spec.order_key(env) if env is not None else None
+        self._acks.delivered(message)
         prev, mine = self._serializer.enter(key)
         task = asyncio.create_task(self._process(message, env, error, key, prev, mine))
         self._inflight.add(task)
@@ -671,20 +672,12 @@ class WorkerRuntime(Generic[D]):
             log.warning("reply to %s not sent: %s", env.type, exc)
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
-        try:
-            # Bounded: aiormq queues the ack for its writer and waits for it to be written; a
-            # connection closing in between (a broker restart) can leave that wait unanswered,
-            # and a handling stuck there held up every later message of its service for good
-            # (found by the RabbitMQ fault test, 1 run in about 7).
-            async with asyncio.timeout(ACK_TIMEOUT_SECONDS):
-                await message.ack()
-        except Exception as exc:  # noqa: BLE001
-            # The channel went away after commit: the broker redelivers and the inbox
-            # recognises the message, so no second effect.
-            log.info("ack failed (%r); the redelivery will be deduplicated", exc)
+        # Sent at the end of this loop turn, with the other acks wanted meanwhile (acks.py).
+        self._acks.ack(message)
 
     async def _nack(self, message: AbstractIncomingMessage) -> None:
-        """Back to the queue (bounded like `_ack`); a lost nack is a redelivery anyway."""
+        """Back to the queue (bounded like an ack); a lost nack is a redelivery anyway."""
+        self._acks.forget(message)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(ACK_TIMEOUT_SECONDS):
                 await message.nack(requeue=True)
