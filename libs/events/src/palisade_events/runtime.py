@@ -382,6 +382,8 @@ class WorkerRuntime(Generic[D]):
         await self.health.start()
         self.metrics_port = self.health.port
         self._stack.push_async_callback(self.health.stop)
+        # The work queue's consumer has this channel to itself: a `multiple` ack (acks.py) covers
+        # every delivery of its channel, and must never reach another consumer's.
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         self._queue = await self.declare(channel)
