@@ -569,7 +569,7 @@ class WorkerRuntime(Generic[D]):
             MESSAGES.labels(self.name, env.type, outcome).inc()
             if reply is not None and message.reply_to:
                 await self._send_reply(message, env, reply)
-            await self._ack(message)
+            self._ack(message)
 
     async def _run_handler(self, handler: Handler, env: Envelope[Any]) -> tuple[str, Reply | None]:
         if self._group is not None:
@@ -673,8 +673,9 @@ class WorkerRuntime(Generic[D]):
         except PublishError as exc:
             log.warning("reply to %s not sent: %s", env.type, exc)
 
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
-        # Sent at the end of this loop turn, with the other acks wanted meanwhile (acks.py).
+    def _ack(self, message: AbstractIncomingMessage) -> None:
+        # Sent at the end of this loop turn, with the other acks wanted meanwhile (acks.py):
+        # nothing to wait for here.
         self._acks.ack(message)
 
     async def _nack(self, message: AbstractIncomingMessage) -> None:
@@ -726,7 +727,7 @@ class WorkerRuntime(Generic[D]):
                 await self._nack(message)
                 return
             MESSAGES.labels(self.name, env.type, "retried").inc()
-            await self._ack(message)
+            self._ack(message)
             return
         log.error("%s %s parked after %d attempts: %s", self.name, env.type, attempts + 1, error)
         MESSAGES.labels(self.name, env.type, "parked").inc()
@@ -762,7 +763,7 @@ class WorkerRuntime(Generic[D]):
             await self._nack(message)
             return
         DEAD_LETTERS.labels(self.name).inc()
-        await self._ack(message)
+        self._ack(message)
 
     async def _republish(
         self, message: AbstractIncomingMessage, exchange: str, routing_key: str, extra: Mapping[str, Any]
