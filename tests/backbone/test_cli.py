@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -82,6 +83,27 @@ def test_publish_rejects_an_invalid_payload_in_one_line_without_its_values() -> 
     assert "ssh.host_key: Field required" in lines[0]
     assert "Not A Valid Name" not in result.output
     assert result.stdout == ""
+
+
+def test_a_command_loads_every_plugin_but_nothing_only_workers_need() -> None:
+    # Each `palisade` call loads every command plugin to know its commands. The worker runtime
+    # (asyncpg), SSH (asyncssh) and the metrics server (aiohttp) load when used: together they
+    # were about a quarter of the command's start-up CPU, paid by every publish and audit tail.
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from palisade_events.cli.main import app\n"
+        "result = CliRunner().invoke(app, ['publish', 'ServiceDeprovisioned', '--json', '{}'])\n"
+        "print(result.exit_code)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('asyncpg', 'asyncssh', 'aiohttp') or m in ('palisade_events.runtime', 'palisade_hostctl.host'))))\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.endswith('.cli') and m.startswith('palisade_'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    exit_code, heavy, plugins = done.stdout.split("\n")[:3]
+    assert exit_code == "1"  # the payload is refused locally: no broker involved
+    assert heavy == ""
+    assert set(plugins.split()) >= {"palisade_firewall.cli", "palisade_hostctl.testvm.cli", "palisade_tls.cli"}
 
 
 def test_publish_rejects_an_unknown_type_and_suggests_the_near_ones() -> None:

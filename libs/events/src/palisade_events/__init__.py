@@ -1,5 +1,10 @@
 """Palisade's message contract and worker runtime."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .audit import AuditRecord
 from .clock import Clock, ManualClock, SystemClock
 from .errors import PermanentError, Rejected, TransientError
@@ -11,13 +16,29 @@ from .messages import (
     Event,
     Payload,
     Query,
+    QueryRejected,
     Registry,
     Reply,
     StrictModel,
     new_envelope,
 )
-from .runtime import Context, Job, QueryRejected, WorkerRuntime, WorkerSpec
 from .settings import RuntimeSettings
+
+if TYPE_CHECKING:
+    from .runtime import Context, Job, WorkerRuntime, WorkerSpec
+
+# The runtime (asyncpg, the outbox, the consumer) loads on first use: a `palisade` call that
+# publishes or reads the audit stream imports this package without running a worker.
+_RUNTIME = frozenset({"Context", "Job", "WorkerRuntime", "WorkerSpec"})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _RUNTIME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(".runtime", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "SYSTEM",

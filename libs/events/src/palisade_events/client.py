@@ -11,8 +11,18 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from .amqp import Publisher, connect
-from .messages import SYSTEM, Actor, DecodeError, Envelope, Payload, Query, Reply, decode, new_envelope
-from .runtime import QueryRejected
+from .messages import (
+    SYSTEM,
+    Actor,
+    DecodeError,
+    Envelope,
+    Payload,
+    Query,
+    QueryRejected,
+    Reply,
+    decode,
+    new_envelope,
+)
 from .topology import REPLIES_EXCHANGE
 
 R = TypeVar("R", bound=Reply)

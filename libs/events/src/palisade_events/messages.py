@@ -69,6 +69,12 @@ class Reply(Payload):
     owner: ClassVar[str] = "reply"
 
 
+class QueryRejected(Reply):
+    """The reply to a query its handler rejected (e.g. unknown service)."""
+
+    reason: str
+
+
 class Actor(StrictModel):
     kind: Literal["user", "system", "support"] = Field(description="Who acted")
     id: ShortText = Field(description="User id, system name or support operator", examples=["u-42"])

@@ -43,6 +43,7 @@ from .messages import (
     Envelope,
     Payload,
     Query,
+    QueryRejected,
     Reply,
     decode,
     encode,
@@ -66,12 +67,6 @@ log = logging.getLogger("palisade.runtime")
 
 D = TypeVar("D")
 P = TypeVar("P", bound=Payload)
-
-
-class QueryRejected(Reply):
-    """The reply to a query its handler rejected (e.g. unknown service)."""
-
-    reason: str
 
 
 class Context(Generic[D]):

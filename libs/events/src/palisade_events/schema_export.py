@@ -27,8 +27,7 @@ from pydantic.json_schema import models_json_schema
 
 from .audit import AuditRecord, Outcome
 from .contract import CONTRACT, METRICS_PORTS
-from .messages import Actor, Envelope, Payload, Query, Registry, Reply, encode, envelope_of, new_envelope
-from .runtime import QueryRejected
+from .messages import Actor, Envelope, Payload, Query, QueryRejected, Registry, Reply, encode, envelope_of, new_envelope
 from .topology import AUDIT_EXCHANGE, REPLIES_EXCHANGE
 
 ASYNCAPI_VERSION = "3.0.0"

@@ -7,6 +7,11 @@ validate=[...], activate=[...])`, with paths from `host.layout`. Errors say
 whether they are `transient` (retry later) or not (see `errors`).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ActivationFailed,
     AuthenticationFailed,
@@ -18,11 +23,43 @@ from .errors import (
     NegotiationFailed,
     ValidationFailed,
 )
-from .host import CommandResult, FileStat, Host, ReplaceResult, sha256_hex
-from .identity import HostIdentity
-from .layout import REAL_VM, Layout, LayoutResolver, real_vm_layout
-from .pool import HostPool, HostStats, load_private_key
-from .settings import HostctlConfigError, HostctlSettings
+
+if TYPE_CHECKING:
+    from .host import CommandResult, FileStat, Host, ReplaceResult, sha256_hex
+    from .identity import HostIdentity
+    from .layout import REAL_VM, Layout, LayoutResolver, real_vm_layout
+    from .pool import HostPool, HostStats, load_private_key
+    from .settings import HostctlConfigError, HostctlSettings
+
+# Everything but the errors reaches asyncssh (a quarter of a second to import): loaded on first
+# use, so that `palisade`, which loads every command plugin to know its commands, starts quickly.
+_LAZY = {
+    "CommandResult": ".host",
+    "FileStat": ".host",
+    "Host": ".host",
+    "ReplaceResult": ".host",
+    "sha256_hex": ".host",
+    "HostIdentity": ".identity",
+    "REAL_VM": ".layout",
+    "Layout": ".layout",
+    "LayoutResolver": ".layout",
+    "real_vm_layout": ".layout",
+    "HostPool": ".pool",
+    "HostStats": ".pool",
+    "load_private_key": ".pool",
+    "HostctlConfigError": ".settings",
+    "HostctlSettings": ".settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "REAL_VM",

@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import harness
+# The harness (and asyncssh under it, a quarter of a second) is imported by the commands that
+# use it: every `palisade` call loads this plugin to know its commands.
 
 app = typer.Typer(
     help="Test VMs: a network namespace with its own sshd, nginx and nftables (root only).",
@@ -50,6 +51,8 @@ def up(
     root: RootOption = None,
 ) -> None:
     """Create and start a test VM; prints its address, host key and automation key."""
+    from . import harness
+
     try:
         vm = asyncio.run(
             harness.up(
@@ -77,6 +80,7 @@ def down(
     root: RootOption = None,
 ) -> None:
     """Stop and remove test VMs: processes, namespace, veth pair, files."""
+    from . import harness
 
     async def main() -> list[tuple[str, bool]]:
         found = await asyncio.gather(*(harness.down(n, root=root) for n in names))
@@ -98,6 +102,8 @@ def list_(
     root: RootOption = None,
 ) -> None:
     """List the test VMs under the root."""
+    from . import harness
+
     vms = harness.list_vms(root)
     out = _console()
     if as_json:
