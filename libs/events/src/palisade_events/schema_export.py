@@ -398,15 +398,17 @@ def asyncapi_document(registry: Registry = CONTRACT) -> dict[str, Any]:
 # ------------------------------------------------------------------ files
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.CSafeDumper):
     """Multi-line text (descriptions) as literal blocks, which diff line by line; no
-    anchors, so every part of the document reads on its own."""
+    anchors, so every part of the document reads on its own. libyaml's emitter (PyYAML's
+    wheels carry it) writes the same text as the pure-Python one, five times faster: the
+    document is 700 KB."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
 
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+def _represent_str(dumper: _Dumper, value: str) -> yaml.ScalarNode:
     style = "|" if "\n" in value else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
