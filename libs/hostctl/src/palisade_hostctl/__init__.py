@@ -9,9 +9,9 @@ whether they are `transient` (retry later) or not (see `errors`).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_members
 from .errors import (
     ActivationFailed,
     AuthenticationFailed,
@@ -51,15 +51,7 @@ _LAZY = {
     "HostctlSettings": ".settings",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_members(__name__, _LAZY)
 
 __all__ = [
     "REAL_VM",

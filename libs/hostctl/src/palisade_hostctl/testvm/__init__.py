@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_members
 
 if TYPE_CHECKING:
     from .harness import (
@@ -52,11 +53,5 @@ __all__ = [
     "up",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # The harness (asyncssh under it) loads on first use, not with the `palisade testvm` plugin.
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(".harness", __name__), name)
-    globals()[name] = value
-    return value
+# The harness (asyncssh under it) loads on first use, not with the `palisade testvm` plugin.
+__getattr__ = lazy_members(__name__, dict.fromkeys(__all__, ".harness"))
