@@ -70,6 +70,7 @@ from aio_pika.abc import (  # noqa: E402
     DeliveryMode,
 )
 
+from bench.procfs import CLK_TCK, machine_ticks, pids, process_ticks, runqueue_wait_ms, server_of  # noqa: E402
 from palisade_events import Context, RuntimeSettings, WorkerRuntime, new_envelope  # noqa: E402
 from palisade_events.amqp import Publisher, connect  # noqa: E402
 from palisade_events.db import schema_name  # noqa: E402
@@ -89,7 +90,6 @@ DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/palisade_bench"
 RATIO_TARGET = 0.5
 P99_TARGET_MS = 25.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # =====================================================================  workers (child processes)
@@ -385,65 +385,26 @@ def cpu_ms_per_msg(before: CpuSample, after: CpuSample, messages: int) -> dict[s
     return out
 
 
-def runqueue_wait_ms(pid: int) -> float:
-    """Time the process's threads spent runnable but waiting for a core, so far (ms; the second
-    field of /proc/<pid>/task/<tid>/schedstat, in ns)."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # a thread that ended meanwhile
-    return total / 1e6
-
-
-def _proc_jiffies(pid: int) -> tuple[str, int] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode()
-    except OSError:
-        return None
-    comm = data[data.index("(") + 1 : data.rindex(")")]
-    fields = data[data.rindex(")") + 2 :].split()
-    return comm, int(fields[11]) + int(fields[12])  # utime + stime
-
-
 def cpu_sample(worker_pid: int) -> CpuSample:
     """CPU time so far of the worker, this process, PostgreSQL and RabbitMQ (from /proc)."""
     wall, busy, steal = _machine_busy()
     me = os.getpid()
     procs: dict[int, tuple[str, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        got = _proc_jiffies(pid)
+    for pid in pids():
+        got = process_ticks(pid)
         if got is None:
             continue
-        comm, jiffies = got
-        if pid == worker_pid:
-            procs[pid] = ("worker", jiffies)
-        elif pid == me:
-            procs[pid] = ("bench", jiffies)
-        elif comm == "postgres":
-            procs[pid] = ("postgres", jiffies)
-        elif comm in ("beam.smp", "erl_child_setup", "epmd", "inet_gethost"):
-            procs[pid] = ("rabbitmq", jiffies)
+        comm, ticks = got
+        group = "worker" if pid == worker_pid else "bench" if pid == me else server_of(comm)
+        if group is not None:
+            procs[pid] = (group, ticks)
     return CpuSample(wall, busy, steal, procs, {pid: runqueue_wait_ms(pid) for pid in procs})
 
 
 def _machine_busy() -> tuple[float, int, int]:
-    """(now, jiffies the CPUs were busy, jiffies stolen by the host), all CPUs so far. Busy
-    leaves out idle, iowait and steal: time the vCPUs ran nothing of this machine's."""
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    steal = parts[7]
-    return time.perf_counter(), sum(parts) - parts[3] - parts[4] - steal, steal
+    """(now, busy ticks, stolen ticks), all CPUs so far (procfs.machine_ticks)."""
+    busy, steal = machine_ticks()
+    return time.perf_counter(), busy, steal
 
 
 async def background_busy(quiet: float, window: float = 0.5, patience: float = 120.0) -> float:

@@ -62,7 +62,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
-for src in (REPO / "libs" / "events" / "src", REPO / "services" / "smtp-relay" / "src"):
+for src in (REPO, REPO / "libs" / "events" / "src", REPO / "services" / "smtp-relay" / "src"):
     if str(src) not in sys.path:
         sys.path.insert(0, str(src))
 
@@ -71,13 +71,14 @@ import asyncpg  # noqa: E402
 import uvloop  # noqa: E402
 from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
 
+from bench.procfs import CLK_TCK, machine_ticks, pids, process_ticks, server_of  # noqa: E402
+
 VHOST = "palisade-bench-smtp"
 AMQP_URL = f"amqp://guest:guest@127.0.0.1:5672/{VHOST}"
 DB_URL = os.environ.get("PALISADE_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/palisade_bench")
 SCHEMA = "palisade_smtp_relay"
 SENDER_DOMAIN = "bench.example"
 MAX_SIZE = 10 * 1024 * 1024
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUIET_STEAL_PCT = 3.0  # a round with more host steal than this measures the host as much as the relay
 RATIO_TARGET = 0.7
 ROWS_TARGET = 0.9
@@ -407,23 +408,13 @@ ROLES = ("relay", "postgres", "rabbitmq", "sink", "load", "other")
 
 def machine_cpu(roles: dict[int, str]) -> dict[int, tuple[str, float]]:
     """Every process's user + system seconds so far, with its role: the given pids by name,
-    PostgreSQL's processes and RabbitMQ's Erlang VM by their program, the rest 'other'."""
+    PostgreSQL's and RabbitMQ's processes by their program, the rest 'other'."""
     found: dict[int, tuple[str, float]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
-        except OSError:  # gone meanwhile
-            continue
-        role = roles.get(pid) or (
-            "postgres" if program.startswith(b"postgres") or program.endswith(b"/postgres")
-            else "rabbitmq" if program.endswith(b"beam.smp")
-            else "other"
-        )  # fmt: skip
-        found[pid] = (role, stat_seconds(stat))
+    for pid in pids():
+        got = process_ticks(pid)
+        if got is not None:
+            comm, ticks = got
+            found[pid] = (roles.get(pid) or server_of(comm) or "other", ticks / CLK_TCK)
     return found
 
 
@@ -441,16 +432,9 @@ def machine_cpu_spent(before: dict[int, tuple[str, float]], *later: dict[int, tu
 
 def host_steal_seconds() -> float:
     """Seconds so far that the hypervisor ran something else while a vCPU of this machine had
-    work (steal, summed over the vCPUs, from /proc/stat). It slows a round without showing in
-    any process's CPU time, so each round reports it: rounds with much of it are not comparable."""
-    with open("/proc/stat") as f:
-        return int(f.readline().split()[8]) / CLK_TCK
-
-
-def stat_seconds(stat: str) -> float:
-    """User + system seconds of a process so far, from its /proc/PID/stat line."""
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    work (steal, summed over the vCPUs). It slows a round without showing in any process's CPU
+    time, so each round reports it: rounds with much of it are not comparable."""
+    return machine_ticks()[1] / CLK_TCK
 
 
 async def run_round(
