@@ -146,9 +146,16 @@ class HealthServer:
     async def start(self) -> None:
         from aiohttp import web
 
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            ok = await self._ready()
+            return web.json_response({"ready": ok}, status=200 if ok else 503)
+
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
@@ -161,14 +168,3 @@ class HealthServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-
-    async def _metrics(self, _: web.Request) -> web.Response:
-        from aiohttp import web
-
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _healthz(self, _: web.Request) -> web.Response:
-        from aiohttp import web
-
-        ok = await self._ready()
-        return web.json_response({"ready": ok}, status=200 if ok else 503)

@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-# The harness (and asyncssh under it, a quarter of a second) is imported by the commands that
-# use it: every `palisade` call loads this plugin to know its commands.
+# Through the package, whose members load on first use: every `palisade` call loads this plugin
+# to know its commands, and the harness (asyncssh under it) is a quarter of a second.
+from .. import testvm as harness
 
 app = typer.Typer(
     help="Test VMs: a network namespace with its own sshd, nginx and nftables (root only).",
@@ -51,8 +52,6 @@ def up(
     root: RootOption = None,
 ) -> None:
     """Create and start a test VM; prints its address, host key and automation key."""
-    from . import harness
-
     try:
         vm = asyncio.run(
             harness.up(
@@ -80,7 +79,6 @@ def down(
     root: RootOption = None,
 ) -> None:
     """Stop and remove test VMs: processes, namespace, veth pair, files."""
-    from . import harness
 
     async def main() -> list[tuple[str, bool]]:
         found = await asyncio.gather(*(harness.down(n, root=root) for n in names))
@@ -102,8 +100,6 @@ def list_(
     root: RootOption = None,
 ) -> None:
     """List the test VMs under the root."""
-    from . import harness
-
     vms = harness.list_vms(root)
     out = _console()
     if as_json:
