@@ -20,6 +20,11 @@ consumer is cancelled; then the consumer is started and the time until the N-th 
 reached a collector queue is measured. That is the worker's drain rate: the load
 generator does nothing but count events meanwhile.
 
+Before each measured run the bench takes a PostgreSQL checkpoint (`settle_database`): it
+recycles the WAL segments the previous run filled as the next ones, as a running server's
+periodic checkpoints do, so no commit has to make one mid-run; each run prints how many were
+made anyway ("WAL segments made").
+
 Latency: commands are published at a steady 0.5 x the measured (b) throughput for a few
 seconds; each command's `n` maps to its send time, each event carries the same `n`, so
 latency = command publish -> event received by the collector. Each run also prints the CPU
@@ -468,6 +473,17 @@ def stolen_ms(samples: Sequence[tuple[float, Sequence[int]]], t0: float, t1: flo
 class PgSample:
     commits: int
     wal_syncs: int
+    wal_segment: int  # the number of the WAL segment being written
+    wal_ready: int | None  # segments made ahead of it (recycled by a checkpoint); None: not readable
+
+
+def wal_segments_created(before: PgSample, after: PgSample) -> int | None:
+    """WAL segments some commit had to make between two samples: every segment the writing
+    went into beyond those that were ready. Making one zero-fills 16 MB while the committing
+    backend holds the WAL write lock: every commit of the database waits (40-55 ms here)."""
+    if before.wal_ready is None:
+        return None
+    return max(0, after.wal_segment - before.wal_segment - before.wal_ready)
 
 
 async def pg_sample(database_url: str) -> PgSample | None:
@@ -478,12 +494,35 @@ async def pg_sample(database_url: str) -> PgSample | None:
     try:
         row = await conn.fetchrow(
             "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS commits,"
-            " (SELECT wal_sync FROM pg_stat_wal) AS wal_syncs"
+            " (SELECT wal_sync FROM pg_stat_wal) AS wal_syncs,"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"
+            "   / pg_size_bytes(current_setting('wal_segment_size')) AS segment"
         )
+        try:
+            ready = await conn.fetchval(
+                "SELECT count(*) FROM pg_ls_waldir()"
+                " WHERE name ~ '^[0-9A-F]{24}$' AND name > pg_walfile_name(pg_current_wal_lsn())"
+            )
+        except asyncpg.InsufficientPrivilegeError:  # pg_ls_waldir needs pg_monitor
+            ready = None
     finally:
         await conn.close()
     assert row is not None
-    return PgSample(int(row["commits"]), int(row["wal_syncs"]))
+    return PgSample(int(row["commits"]), int(row["wal_syncs"]), int(row["segment"]), ready)
+
+
+async def settle_database(database_url: str) -> None:
+    """A checkpoint before each measured run, as bench/smtp.py takes. The run before it wrote
+    tens of MB of WAL in seconds; a running database's periodic checkpoints recycle the segments
+    behind them as the next ones, so its commits never make a segment. Without it the latency
+    run's commits did, one every 7-8 s, each stalling every commit for 40-55 ms: p99 41-102 ms
+    where the same code measured 20-24 ms between those stalls (2026-12-04)."""
+    with contextlib.suppress(OSError, asyncpg.PostgresError):
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
 
 
 @dataclass
@@ -497,6 +536,7 @@ class Throughput:
     steal_pct: float  # vCPU time the host gave to other guests during the run
     pg_commits_per_msg: float | None = None
     wal_syncs_per_msg: float | None = None
+    wal_segments_created: int | None = None
 
     @property
     def rate(self) -> float:
@@ -517,6 +557,7 @@ class Latency:
     cpu_ms_per_msg: Mapping[str, float] = field(default_factory=dict)  # per group, as Throughput's
     wait_ms_per_msg: Mapping[str, float] = field(default_factory=dict)  # per group: runnable, no core
     pg_commits_per_msg: float = float("nan")
+    wal_segments_created: int | None = None
     series: Sequence[tuple[float, float]] = ()  # (send time in s from the start, latency in ms)
     steal: Sequence[tuple[float, Sequence[int]]] = ()  # StealSampler samples, s from the start
 
@@ -622,6 +663,7 @@ class Driver:
         bodies = [self.body(n) for n in ns]
         self.collector.expect(ns)
         await _publish_all(self.commands, self.types.ProbeCommand.routing_key(), bodies, 500)
+        await settle_database(self.args.database_url)
         await asyncio.sleep(0.3)  # publishing is done and confirmed; let the broker go quiet
         background = await background_busy(self.args.quiet)
         if self.args.profile:
@@ -649,6 +691,7 @@ class Driver:
         if pg0 is not None and pg1 is not None and got:
             result.pg_commits_per_msg = (pg1.commits - pg0.commits) / got
             result.wal_syncs_per_msg = (pg1.wal_syncs - pg0.wal_syncs) / got
+            result.wal_segments_created = wal_segments_created(pg0, pg1)
         await asyncio.sleep(0.5)
         return result
 
@@ -669,6 +712,7 @@ class Driver:
             except Exception as exc:  # noqa: BLE001 - counted and reported below
                 errors.append(exc)
 
+        await settle_database(self.args.database_url)
         await self.worker.call("resume")
         await asyncio.sleep(0.2)
         # The load generator is the stopwatch: a full collection of its heap mid-run would
@@ -727,6 +771,7 @@ class Driver:
             cpu_ms_per_msg=cpu_ms_per_msg(cpu0, cpu1, len(lat)),
             wait_ms_per_msg={g: ms / max(len(lat), 1) for g, ms in cpu0.wait_per_group(cpu1).items()},
             pg_commits_per_msg=(pg1.commits - pg0.commits) / max(len(lat), 1) if pg0 and pg1 else float("nan"),
+            wal_segments_created=wal_segments_created(pg0, pg1) if pg0 and pg1 else None,
             series=series,
             steal=steal.since(start),
         )
@@ -760,7 +805,10 @@ def _fmt_tp(label: str, tp: Throughput) -> str:
     flag = "" if tp.complete else "  (INCOMPLETE)"
     pg = ""
     if tp.pg_commits_per_msg is not None and tp.wal_syncs_per_msg is not None and tp.pg_commits_per_msg > 0.01:
-        pg = f"  [PG per msg: {tp.pg_commits_per_msg:.2f} commits, {tp.wal_syncs_per_msg:.2f} WAL syncs]"
+        pg = (
+            f"  [PG per msg: {tp.pg_commits_per_msg:.2f} commits, {tp.wal_syncs_per_msg:.2f} WAL syncs;"
+            f" WAL segments made {_fmt_count(tp.wal_segments_created)}]"
+        )
     return (
         f"  {label:<22} {tp.rate:7.0f} msg/s {tp.seconds:7.2f} s   busy {tp.machine_busy_pct:3.0f}% "
         f"(before {tp.background_pct:3.0f}%, steal {tp.steal_pct:3.0f}%)  "
@@ -769,11 +817,16 @@ def _fmt_tp(label: str, tp: Throughput) -> str:
     )
 
 
+def _fmt_count(n: int | None) -> str:
+    return "n/a" if n is None else str(n)
+
+
 def _fmt_lat(label: str, lat: Latency) -> str:
     return (
         f"  {label:<22} {lat.achieved_rate:7.0f} msg/s  {lat.received:>6}/{lat.sent:<6} "
         f"p50 {lat.p50_ms:6.1f} ms  p90 {lat.p90_ms:6.1f} ms  p99 {lat.p99_ms:6.1f} ms  max {lat.max_ms:6.1f} ms  "
-        f"(machine {lat.machine_busy_pct:.0f}% busy, PG {lat.pg_commits_per_msg:.2f} commits per msg)\n"
+        f"(machine {lat.machine_busy_pct:.0f}% busy, PG {lat.pg_commits_per_msg:.2f} commits per msg,"
+        f" WAL segments made {_fmt_count(lat.wal_segments_created)})\n"
         f"{'':26}CPU ms per msg: "
         + ", ".join(f"{g} {ms:.3f}" for g, ms in lat.cpu_ms_per_msg.items())
         + f"\n{'':26}waiting for a core (runnable, not running), ms per msg: "

@@ -1,12 +1,25 @@
 """The pure arithmetic behind bench/bus.py's figures (the benchmark itself is not part of the
-suite): which messages count as untouched by host steal, where the slow spans are, and the CPU
-per message of each process group."""
+suite): which messages count as untouched by host steal, where the slow spans are, the CPU
+per message of each process group, and the WAL segments made during a run (with the one
+query the benchmark sends PostgreSQL for them)."""
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 
-from bench.bus import CLK_TCK, CpuSample, cpu_ms_per_msg, slow_spans, stolen_ms, unstolen_latencies
+from bench.bus import (
+    CLK_TCK,
+    CpuSample,
+    PgSample,
+    cpu_ms_per_msg,
+    pg_sample,
+    slow_spans,
+    stolen_ms,
+    unstolen_latencies,
+    wal_segments_created,
+)
+from tests.fixtures import DATABASE_URL
 
 TICK_MS = 1000 / CLK_TCK
 
@@ -65,3 +78,32 @@ def test_runqueue_wait_per_group() -> None:
         1.0, 0, 0, {10: ("worker", 0), 11: ("postgres", 0), 13: ("postgres", 0)}, {10: 130.0, 11: 45.0, 13: 2.0}
     )
     assert before.wait_per_group(after) == {"worker": 30.0, "postgres": 7.0, "rabbitmq": 0.0, "bench": 0.0}
+
+
+def test_wal_segments_made_are_those_written_beyond_the_ready_ones() -> None:
+    before = PgSample(commits=0, wal_syncs=0, wal_segment=100, wal_ready=3)
+    assert wal_segments_created(before, PgSample(50, 40, wal_segment=102, wal_ready=1)) == 0
+    assert wal_segments_created(before, PgSample(50, 40, wal_segment=103, wal_ready=0)) == 0
+    assert wal_segments_created(before, PgSample(90, 80, wal_segment=106, wal_ready=0)) == 3
+    unreadable = PgSample(commits=0, wal_syncs=0, wal_segment=100, wal_ready=None)
+    assert wal_segments_created(unreadable, PgSample(50, 40, wal_segment=106, wal_ready=None)) is None
+
+
+async def test_the_wal_sample_follows_the_server_into_its_next_segment() -> None:
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        # Some WAL in the current segment, then a switch: the next sample is one segment on.
+        await conn.execute("CREATE TABLE IF NOT EXISTS bench_wal_probe (n int)")
+        await conn.execute("INSERT INTO bench_wal_probe VALUES (1)")
+        before = await pg_sample(DATABASE_URL)
+        await conn.execute("SELECT pg_switch_wal()")
+        after = await pg_sample(DATABASE_URL)
+        await conn.execute("DROP TABLE bench_wal_probe")
+    finally:
+        await conn.close()
+    assert before is not None
+    assert after is not None
+    assert before.wal_ready is not None
+    assert before.wal_ready >= 0
+    assert after.wal_segment >= before.wal_segment + 1  # (more only if other sessions wrote 16 MB meanwhile)
+    assert after.commits > before.commits
