@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from palisade_events.topology import AUDIT_EXCHANGE, EVENTS_EXCHANGE
 from tests.backbone.probe import probe_spec
 from tests.backbone.test_runtime import effects
-from tests.fixtures import unique
+from tests.fixtures import unique, wait_until
+
+
+def batches_committed(worker: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("palisade_group_commit_messages_count", {"worker": worker}) or 0.0
 
 
 def committed_together(worker: str) -> float:
@@ -68,3 +75,38 @@ async def test_a_rejection_rolls_its_batch_back_and_every_message_is_handled_alo
     )
     assert await effects(rt) == 120 - len(rejected)
     assert rt.handled == 120
+
+
+async def test_a_batch_commits_while_the_one_before_is_confirmed_and_none_is_acked_before_its_events_left(
+    run_worker, client, collect
+):
+    rt, t, events, _ = await paused_group_committer(run_worker, collect)
+    # Every publishing of the worker's committed rows waits here until the test lets it go
+    # (then goes to the real broker).
+    gate = asyncio.Event()
+    publish = rt.relay.publish_committed
+
+    async def held(written):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        await publish(written)
+
+    rt.relay.publish_committed = held  # type: ignore[method-assign]
+    for i in range(200):
+        await client.publish(t.ProbeCommand(n=i), service_id=f"svc-{i % 100}")
+    await rt.resume()
+
+    # A second batch commits while the first one's events are held.
+    await wait_until(lambda: batches_committed(rt.name) >= 2, timeout=20, what="a second batch committed")
+    # One deep: a third waits for the first batch's events.
+    assert batches_committed(rt.name) == 2
+    # And no message has finished (it would be acked) before its events left.
+    assert rt.handled == 0
+
+    gate.set()
+    done = await events.wait_for(200, timeout=30)
+    assert sorted(d.json()["payload"]["n"] for d in done) == list(range(200))
+    assert rt.handled == 200
+    assert batches_committed(rt.name) > 2
+    for s in range(100):
+        ns = [d.json()["payload"]["n"] for d in done if d.json()["service_id"] == f"svc-{s}"]
+        assert ns == sorted(ns), s

@@ -4,7 +4,9 @@ A worker whose handlers only touch its database (no VM, no network) may let the 
 commit concurrent messages together: one BEGIN, one inbox insert, the handlers one
 after another, one outbox insert, one COMMIT (one WAL flush), instead of all of that
 per message. While a batch commits, the next one gathers, so batches grow with the
-load and a lone message waits for nothing.
+load and a lone message waits for nothing. (The runtime's commit returns before the broker
+confirmed the batch's events: the next batch commits meanwhile, see
+WorkerRuntime._commit_group.)
 
 A batch is all or nothing: when any of its handlers raises (a rejection included), the
 transaction rolls back and every message of the batch is handled alone, on the ordinary
