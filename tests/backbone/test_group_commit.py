@@ -24,14 +24,14 @@ def committed_together(worker: str) -> float:
     return REGISTRY.get_sample_value("palisade_group_commit_messages_sum", {"worker": worker}) or 0.0
 
 
-async def paused_group_committer(run_worker, collect):  # type: ignore[no-untyped-def]
+async def paused_group_committer(run_worker, collect, **settings):  # type: ignore[no-untyped-def]
     """A probe worker with group commit, its events and audit collected, its consumer paused:
     what is published now becomes a backlog the broker hands over a prefetch at a time."""
     spec, t = probe_spec(unique("probe"))
     spec = dataclasses.replace(spec, group_commit=True)
     events = await collect(EVENTS_EXCHANGE, f"{spec.name}.ProbeDone")
     audit = await collect(AUDIT_EXCHANGE, f"{spec.name}.#")
-    rt = await run_worker(spec)
+    rt = await run_worker(spec, **settings)
     await rt.pause()
     return rt, t, events, audit
 
@@ -80,32 +80,39 @@ async def test_a_rejection_rolls_its_batch_back_and_every_message_is_handled_alo
 async def test_a_batch_commits_while_the_one_before_is_confirmed_and_none_is_acked_before_its_events_left(
     run_worker, client, collect
 ):
-    rt, t, events, _ = await paused_group_committer(run_worker, collect)
+    # A long grace: the relay's poll must not publish the rows held below (it would send them twice).
+    rt, t, events, _ = await paused_group_committer(run_worker, collect, outbox_grace_seconds=60, prefetch=500)
     # Every publishing of the worker's committed rows waits here until the test lets it go
     # (then goes to the real broker).
     gate = asyncio.Event()
     publish = rt.relay.publish_committed
 
-    async def held(written):  # type: ignore[no-untyped-def]
+    async def held(written):
         await gate.wait()
         await publish(written)
 
-    rt.relay.publish_committed = held  # type: ignore[method-assign]
+    rt.relay.publish_committed = held
     for i in range(200):
         await client.publish(t.ProbeCommand(n=i), service_id=f"svc-{i % 100}")
     await rt.resume()
 
     # A second batch commits while the first one's events are held.
     await wait_until(lambda: batches_committed(rt.name) >= 2, timeout=20, what="a second batch committed")
-    # One deep: a third waits for the first batch's events.
+    # One deep: more messages, of services with nothing in flight, wait for the group; no third
+    # batch is taken while the first one's events are held.
+    for i in range(200, 250):
+        await client.publish(t.ProbeCommand(n=i), service_id=f"svc-{i}")
+    assert rt._group is not None
+    group = rt._group
+    await wait_until(lambda: len(group._queue) >= 50, timeout=20, what="the next messages queued for a batch")
     assert batches_committed(rt.name) == 2
     # And no message has finished (it would be acked) before its events left.
     assert rt.handled == 0
 
     gate.set()
-    done = await events.wait_for(200, timeout=30)
-    assert sorted(d.json()["payload"]["n"] for d in done) == list(range(200))
-    assert rt.handled == 200
+    done = await events.wait_for(250, timeout=30)
+    assert sorted(d.json()["payload"]["n"] for d in done) == list(range(250))
+    assert rt.handled == 250
     assert batches_committed(rt.name) > 2
     for s in range(100):
         ns = [d.json()["payload"]["n"] for d in done if d.json()["service_id"] == f"svc-{s}"]

@@ -4,9 +4,9 @@ A worker whose handlers only touch its database (no VM, no network) may let the 
 commit concurrent messages together: one BEGIN, one inbox insert, the handlers one
 after another, one outbox insert, one COMMIT (one WAL flush), instead of all of that
 per message. While a batch commits, the next one gathers, so batches grow with the
-load and a lone message waits for nothing. (The runtime's commit returns before the broker
-confirmed the batch's events: the next batch commits meanwhile, see
-WorkerRuntime._commit_group.)
+load and a lone message waits for nothing. A `pace` hook, awaited before each batch is
+taken, lets the committer hold the next batch back (the runtime: until the broker confirmed
+the events of the batch before the last, see WorkerRuntime._commit_group).
 
 A batch is all or nothing: when any of its handlers raises (a rejection included), the
 transaction rolls back and every message of the batch is handled alone, on the ordinary
@@ -34,9 +34,16 @@ class GroupCommit(Generic[Item, Result]):
     `commit(items)` returns one result per item, or raises: then every submitter gets
     None, its cue to handle its item alone."""
 
-    def __init__(self, commit: Callable[[list[Item]], Awaitable[list[Result]]], *, max_batch: int) -> None:
+    def __init__(
+        self,
+        commit: Callable[[list[Item]], Awaitable[list[Result]]],
+        *,
+        max_batch: int,
+        pace: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._commit = commit
         self._max = max_batch
+        self._pace = pace
         self._queue: list[tuple[Item, asyncio.Future[Result | None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -70,6 +77,10 @@ class GroupCommit(Generic[Item, Result]):
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                if self._pace is not None:
+                    # Before the batch is taken: what arrives meanwhile joins it, and a stop
+                    # cancelling this wait finds no batch in hand.
+                    await self._pace()
                 batch, self._queue = self._queue[: self._max], self._queue[self._max :]
                 await self._one(batch)
 

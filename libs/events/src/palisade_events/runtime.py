@@ -299,7 +299,9 @@ class WorkerRuntime(Generic[D]):
         self._inflight: set[asyncio.Task[Any]] = set()
         self._inflight_count = 0
         self._group: GroupCommit[_GroupItem, _GroupResult] | None = None
-        self._batch_publishing: asyncio.Future[None] | None = None  # the last batch's, see _commit_group
+        # The publishing of the last committed batch and of the one before it (_commit_group).
+        self._batch_publishing: asyncio.Future[None] | None = None
+        self._previous_batch_publishing: asyncio.Future[None] | None = None
         self._drained = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
         self._connection: AbstractRobustConnection | None = None
@@ -369,7 +371,11 @@ class WorkerRuntime(Generic[D]):
         self.relay.start()
         self._stack.push_async_callback(self.relay.stop)
         if self.spec.group_commit:
-            self._group = GroupCommit(self._commit_group, max_batch=self.settings.prefetch)
+            # Runs after the group stopped, before the relay stops: its batches' publishing ends.
+            self._stack.push_async_callback(self._batches_published)
+            self._group = GroupCommit(
+                self._commit_group, max_batch=self.settings.prefetch, pace=self._one_batch_publishing
+            )
             self._group.start()
             self._stack.push_async_callback(self._group.stop)
         for svc in self.spec.services:
@@ -636,29 +642,38 @@ class WorkerRuntime(Generic[D]):
         GROUP_COMMIT_MESSAGES.labels(self.name).observe(len(items))
         for ctx in contexts:
             ctx._run_after_commit()
-        # Pipelined one batch deep: this transaction ran while the previous batch's events were
-        # being confirmed; wait for those (batches publish in commit order), start publishing
-        # these and return, so the next batch's transaction runs while the broker confirms them.
-        # Each message is acked once its batch's publishing ended (_run_handler). Against
-        # waiting for the confirms before the next transaction, bench/bus.py at half the maximum,
-        # 4 alternating runs: p99 21.7-23.6 ms against 20.6-31.8, max 30-37 against 37-47 ms,
-        # for more commits per message (0.60-0.64 against 0.23-0.45) and ~6 % more machine CPU.
-        # Not deeper: with every batch publishing at once (no wait), p99 was 35-62 ms (smaller
-        # batches still, more CPU). The same pipelining, tried before the checkpoint in the bench
-        # (2026-11, 2026-12), looked no better: a WAL segment made mid-run stalled every commit
-        # 40-55 ms, which set the p99 of both (bench/bus.py's settle_database).
-        # The publishing is a task of its own, so a stop cutting this wait short still publishes.
+        # Pipelined one batch deep: this batch's publishing starts (chained after the previous
+        # batch's: batches publish in commit order) and the results return at once; each message is
+        # acked once its batch's publishing ended (_run_handler). The next batch is taken once the
+        # publishing of the batch before this one ended (`_one_batch_publishing`, GroupCommit's
+        # pace), so its transaction runs while the broker confirms this batch's events.
+        # Against waiting for the confirms before the next transaction, bench/bus.py at half the
+        # maximum, 2026-12-04, alternating runs: median p99 23.6 ms against 29.0 (13 and 17 runs),
+        # for more commits per message (0.43-0.64 against 0.23-0.45) and ~6 % more machine CPU.
+        # Not deeper: with no wait at all, p99 was 35-62 ms (smaller batches still, more CPU).
+        # The same pipelining, tried in 2026-11 and earlier on 2026-12-04, looked no better then: a
+        # WAL segment made mid-run stalled every commit 40-55 ms and set both arms' p99
+        # (bench/bus.py's settle_database).
         previous = self._batch_publishing
         published = asyncio.ensure_future(self._publish_after(previous, written))
-        self._batch_publishing = published
-        if previous is not None:
-            await asyncio.wait({previous})  # (cancelling this wait leaves `previous` alone)
+        self._previous_batch_publishing, self._batch_publishing = previous, published
         return [(outcome, reply, published) for outcome, reply in decided]
 
     async def _publish_after(self, previous: asyncio.Future[None] | None, written: list[outbox.OutboxRow]) -> None:
         if previous is not None:
-            await asyncio.wait({previous})
+            await asyncio.wait({previous})  # never raises, whatever became of `previous`
         await self.relay.publish_committed(written)
+
+    async def _one_batch_publishing(self) -> None:
+        """Wait until at most one committed batch is still being published."""
+        previous = self._previous_batch_publishing
+        if previous is not None:
+            await asyncio.wait({previous})  # (cancelling this wait leaves `previous` alone)
+
+    async def _batches_published(self) -> None:
+        """At a stop: let the committed batches' publishing end before the relay stops."""
+        if self._batch_publishing is not None:
+            await asyncio.wait({self._batch_publishing}, timeout=self.settings.shutdown_grace_seconds)
 
     @staticmethod
     async def _decide(handler: Handler, env: Envelope[Any], ctx: Context[D]) -> Reply | None:
