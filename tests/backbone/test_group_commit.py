@@ -81,7 +81,7 @@ async def test_a_batch_commits_while_the_one_before_is_confirmed_and_none_is_ack
     run_worker, client, collect
 ):
     # A long grace: the relay's poll must not publish the rows held below (it would send them twice).
-    rt, t, events, _ = await paused_group_committer(run_worker, collect, outbox_grace_seconds=60, prefetch=500)
+    rt, t, events, _ = await paused_group_committer(run_worker, collect, outbox_grace_seconds=60, prefetch=1000)
     # Every publishing of the worker's committed rows waits here until the test lets it go
     # (then goes to the real broker).
     gate = asyncio.Event()

@@ -61,3 +61,34 @@ async def test_a_stop_while_pacing_hands_every_waiting_item_back() -> None:
     await group.stop()
     # None: each submitter handles its item alone.
     assert await asyncio.gather(*waiting) == [None, None, None]
+
+
+async def test_the_runtime_pipelines_one_batch_deep_except_in_a_backlog() -> None:
+    from palisade_events import RuntimeSettings, WorkerRuntime, WorkerSpec
+
+    rt: WorkerRuntime[None] = WorkerRuntime(WorkerSpec(name="pace-probe", handlers={}), RuntimeSettings(prefetch=8))
+    loop = asyncio.get_running_loop()
+    never = asyncio.Event()
+
+    def handlings(n: int) -> set[asyncio.Task[bool]]:
+        return {asyncio.create_task(never.wait()) for _ in range(n)}
+
+    async def paced_until(done: asyncio.Future[None], other: asyncio.Future[None]) -> bool:
+        """Whether the pace returns once `done` is (and not before, while `other` is pending)."""
+        pace = asyncio.create_task(rt._one_batch_publishing())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        held = not pace.done()
+        done.set_result(None)
+        await asyncio.wait_for(pace, 5)
+        return held and not other.done()
+
+    # Light load (3 handlings in flight): the next batch waits for the batch before the last.
+    rt._previous_batch_publishing, rt._batch_publishing = loop.create_future(), loop.create_future()
+    rt._inflight = handlings(3)
+    assert await paced_until(rt._previous_batch_publishing, rt._batch_publishing)
+    # A backlog (half the prefetch in flight): it waits for the last batch, as without pipelining.
+    rt._previous_batch_publishing, rt._batch_publishing = loop.create_future(), loop.create_future()
+    rt._inflight = handlings(4)
+    assert await paced_until(rt._batch_publishing, rt._previous_batch_publishing)
+    never.set()

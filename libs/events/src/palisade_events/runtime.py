@@ -648,9 +648,13 @@ class WorkerRuntime(Generic[D]):
         # publishing of the batch before this one ended (`_one_batch_publishing`, GroupCommit's
         # pace), so its transaction runs while the broker confirms this batch's events.
         # Against waiting for the confirms before the next transaction, bench/bus.py at half the
-        # maximum, 2026-12-04, alternating runs: median p99 23.6 ms against 29.0 (13 and 17 runs),
-        # for more commits per message (0.43-0.64 against 0.23-0.45) and ~6 % more machine CPU.
-        # Not deeper: with no wait at all, p99 was 35-62 ms (smaller batches still, more CPU).
+        # maximum, 2026-12-04: p99 median 22.7 ms against 28.9 (26 and 24 runs), for more commits
+        # per message (0.43-0.64 against 0.23-0.45) and ~6 % more machine CPU. Not deeper: with
+        # no wait at all, p99 was 35-62 ms (smaller batches still, more CPU). In a backlog (half
+        # the prefetch in flight) the prefetch window, not the confirms, bounds the rate, and
+        # pipelining only split each window's acks and deliveries: RabbitMQ spent 0.33-0.39 ms
+        # per message in a drain against 0.25-0.31, drain rate -4 %. So then the next batch waits
+        # for this one's publishing, as before.
         # The same pipelining, tried in 2026-11 and earlier on 2026-12-04, looked no better then: a
         # WAL segment made mid-run stalled every commit 40-55 ms and set both arms' p99
         # (bench/bus.py's settle_database).
@@ -665,10 +669,12 @@ class WorkerRuntime(Generic[D]):
         await self.relay.publish_committed(written)
 
     async def _one_batch_publishing(self) -> None:
-        """Wait until at most one committed batch is still being published."""
-        previous = self._previous_batch_publishing
-        if previous is not None:
-            await asyncio.wait({previous})  # (cancelling this wait leaves `previous` alone)
+        """Wait until at most one committed batch is still being published; none when the
+        worker holds half its prefetch or more (a backlog)."""
+        backlog = len(self._inflight) >= self.settings.prefetch // 2
+        waiting_on = self._batch_publishing if backlog else self._previous_batch_publishing
+        if waiting_on is not None:
+            await asyncio.wait({waiting_on})  # (cancelling this wait leaves it alone)
 
     async def _batches_published(self) -> None:
         """At a stop: let the committed batches' publishing end before the relay stops."""
