@@ -78,7 +78,18 @@ def tracer() -> trace.Tracer:
 
 def tracing_on() -> bool:
     """Whether a tracer provider of the SDK is installed."""
-    return isinstance(trace.get_tracer_provider(), TracerProvider)
+    # Asked several times per message. Until a provider is set, trace.get_tracer_provider()
+    # looks up an environment variable on each call (to load a provider named there): ~2 % of
+    # a worker's CPU in a drain (py-spy, bench/bus.py). So the global it returns is read
+    # directly; the worker's start (configure_tracing) has called get_tracer_provider() once,
+    # which loads a provider named in the environment.
+    provider = getattr(trace, "_TRACER_PROVIDER", _NOT_THERE)
+    if provider is _NOT_THERE:  # an opentelemetry-api without that global: the public way
+        provider = trace.get_tracer_provider()
+    return isinstance(provider, TracerProvider)
+
+
+_NOT_THERE = object()
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 from opentelemetry import context as otel_context
 
-from .amqp import Publisher
+from .amqp import Outgoing, Publisher
 from .audit import AuditRecord
 from .db import Connection, sql_literal
 from .messages import Envelope, encode
@@ -201,15 +201,7 @@ class OutboxRelay:
         confirm is retried from memory (and, should this process die, polled after the grace)."""
         if not written:
             return
-        results: list[BaseException | None]
-        if len(written) == 1:  # no task to gather (a lone relayed email, a job's one event)
-            try:
-                await self._publish(written[0])
-                results = [None]
-            except Exception as exc:  # noqa: BLE001 - kept for the retry, as gather would
-                results = [exc]
-        else:
-            results = await asyncio.gather(*(self._publish(w) for w in written), return_exceptions=True)
+        results = await self._publisher.publish_many([_outgoing(w) for w in written])
         confirmed = [w.message_id for w, r in zip(written, results, strict=True) if not isinstance(r, BaseException)]
         self._published(confirmed)
         failed = [w for w, r in zip(written, results, strict=True) if isinstance(r, BaseException)]
@@ -309,8 +301,10 @@ class OutboxRelay:
             )
             if not rows:
                 return 0
-            # Confirms are awaited concurrently: one round trip for the batch.
-            await asyncio.gather(*(self._publish(_row_of(r)) for r in rows))
+            # One write and one round trip of confirms for the batch.
+            errors = [e for e in await self._publisher.publish_many([_outgoing(_row_of(r)) for r in rows]) if e]
+            if errors:
+                raise errors[0]  # rolled back: the rows stay for the next poll
             await conn.execute(mark_published_statement([r["message_id"] for r in rows]))
         OUTBOX_PUBLISHED.labels(self._worker).inc(len(rows))
         return len(rows)
@@ -343,6 +337,18 @@ class OutboxRelay:
         assert row is not None
         OUTBOX_PENDING.labels(self._worker).set(row["n"])
         OUTBOX_OLDEST_SECONDS.labels(self._worker).set(float(row["age"] or 0))
+
+
+def _outgoing(row: OutboxRow) -> Outgoing:
+    return Outgoing(
+        row.exchange,
+        row.routing_key,
+        row.body,
+        str(row.message_id),
+        row.message_type,
+        str(row.correlation_id) if row.correlation_id else None,
+        {} if row.headers == "{}" else json.loads(row.headers),  # mostly "{}": tracing off, no caller trace
+    )
 
 
 def _row_of(record: asyncpg.Record) -> OutboxRow:
