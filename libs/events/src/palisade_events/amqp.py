@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -246,7 +246,10 @@ def _method_frame(channel_number: int, exchange: str, routing_key: str) -> bytes
 
 async def _queue_publishes(channel: aiormq.Channel, messages: Sequence[Outgoing]) -> list[asyncio.Future[Any]]:
     """Queue the messages' frames for the connection's writer as one buffer, each with its
-    confirm's future registered as aiormq.Channel.basic_publish registers it."""
+    confirm's future registered as aiormq.Channel.basic_publish registers it. This uses the
+    attributes that method uses (delivery_tag, confirmations, message_id_delivery_tag,
+    write_queue, lock) of the aiormq pinned in requirements.lock; should a release change
+    them, tests/backbone/test_publish_many.py fails."""
     if not channel.publisher_confirms:
         raise aiormq.exceptions.ChannelInvalidStateError("publisher confirms are off")
     number, max_body = channel.number, channel.max_content_size
@@ -290,7 +293,7 @@ async def _queue_publishes(channel: aiormq.Channel, messages: Sequence[Outgoing]
     return confirms
 
 
-def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int) -> Any:
+def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int) -> Callable[[asyncio.Future[Any]], None]:
     def forget(_: asyncio.Future[Any]) -> None:
         if channel.message_id_delivery_tag.get(message_id) == tag:
             channel.message_id_delivery_tag.pop(message_id)
