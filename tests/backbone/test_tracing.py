@@ -73,3 +73,14 @@ async def test_group_commit_keeps_each_message_in_its_own_trace(spans, run_worke
     assert committed_together(rt.name) >= 2, "no batch formed: the test proves nothing"
     for event in done:
         assert event.headers["traceparent"].split("-")[1] == trace_of[event.json()["payload"]["n"]]
+    # The relay publishes a batch's events in the group's task: each event's producer span must
+    # still join its own message's trace.
+    publish_span = f"{spec.name}.ProbeDone publish"
+
+    def traces_with_a_publish_span() -> set[str]:
+        return {f"{s.context.trace_id:032x}" for s in spans.get_finished_spans() if s.name == publish_span}
+
+    await wait_until(
+        lambda: set(trace_of.values()) <= traces_with_a_publish_span(),
+        what="an event publish span in each message's trace",
+    )

@@ -151,29 +151,10 @@ class Publisher:
         (bench/bus.py). Here a batch takes the lock once and queues one buffer, keeping
         aiormq's own bookkeeping (delivery tags, confirm futures, returned messages by id),
         so its confirms, nacks, returns and a channel's close end each future as they end a
-        lone publish's. With tracing on, each message gets its own producer span instead."""
+        lone publish's. It makes no producer spans: a caller that traces publishes each message
+        with `publish_raw` in its own trace's context (the outbox relay does, with tracing on)."""
         if not messages:
             return []
-        if tracing_on():
-            spanned = await asyncio.gather(
-                *(
-                    self.publish_raw(
-                        m.exchange,
-                        m.routing_key,
-                        m.body,
-                        message_id=m.message_id,
-                        message_type=m.message_type,
-                        correlation_id=m.correlation_id,
-                        headers=m.headers,
-                    )
-                    for m in messages
-                ),
-                return_exceptions=True,
-            )
-            return [
-                _publish_error(r, m.exchange, m.routing_key) if isinstance(r, BaseException) else None
-                for m, r in zip(messages, spanned, strict=True)
-            ]
         confirms: list[asyncio.Future[Any]] = []
         failure: BaseException | None = None
         try:

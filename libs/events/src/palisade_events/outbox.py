@@ -201,7 +201,7 @@ class OutboxRelay:
         confirm is retried from memory (and, should this process die, polled after the grace)."""
         if not written:
             return
-        results = await self._publisher.publish_many([_outgoing(w) for w in written])
+        results = await self._publish_all(written)
         confirmed = [w.message_id for w, r in zip(written, results, strict=True) if not isinstance(r, BaseException)]
         self._published(confirmed)
         failed = [w for w, r in zip(written, results, strict=True) if isinstance(r, BaseException)]
@@ -302,12 +302,20 @@ class OutboxRelay:
             if not rows:
                 return 0
             # One write and one round trip of confirms for the batch.
-            errors = [e for e in await self._publisher.publish_many([_outgoing(_row_of(r)) for r in rows]) if e]
+            errors = [e for e in await self._publish_all([_row_of(r) for r in rows]) if e is not None]
             if errors:
                 raise errors[0]  # rolled back: the rows stay for the next poll
             await conn.execute(mark_published_statement([r["message_id"] for r in rows]))
         OUTBOX_PUBLISHED.labels(self._worker).inc(len(rows))
         return len(rows)
+
+    async def _publish_all(self, rows: Sequence[OutboxRow]) -> list[BaseException | None]:
+        """Each row's outcome: None, or why the broker did not take it. With tracing on each row
+        is published in its own trace's context, so its producer span joins the trace that wrote
+        it (a batch's rows belong to several); otherwise all of them go in one write."""
+        if tracing_on():
+            return await asyncio.gather(*(self._publish(w) for w in rows), return_exceptions=True)
+        return list(await self._publisher.publish_many([_outgoing(w) for w in rows]))
 
     async def _publish(self, row: OutboxRow) -> None:
         headers = json.loads(row.headers)
