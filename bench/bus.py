@@ -6,11 +6,13 @@
 (b) palisade: a worker process running `WorkerRuntime` with the probe worker's types and
     migrations (tests/backbone/probe.py) and a handler that does what the issue measures:
     inbox insert, one state-row update, the event (and the command's audit record)
-    through the outbox and its relay. The handler touches only the database, so the worker
-    group-commits (WorkerSpec.group_commit, as the lifecycle worker does): messages the broker
-    hands over together share one transaction; `--per-message` measures one transaction per
-    message. (The probe's own handler also reads its failure switch and writes an effect row,
-    for the tests; `--probe-handler` measures that one.)
+    through the outbox and its relay. The handler leaves its update for the COMMIT
+    (`Context.write_at_commit`, as the lifecycle worker's last writes do: a batch's updates
+    then take one round trip); `--awaited-write` awaits it in the handler instead. The handler
+    touches only the database, so the worker group-commits (WorkerSpec.group_commit, as the
+    lifecycle worker does): messages the broker hands over together share one transaction;
+    `--per-message` measures one transaction per message. (The probe's own handler also reads
+    its failure switch and writes an effect row, for the tests; `--probe-handler` measures that one.)
 
 Both workers run in their own process (the load generator does not share their event
 loop), with the runtime's prefetch, and are driven over stdin (`resume`/`pause`/`stop`).
@@ -146,26 +148,38 @@ def _profile(arg: str) -> str:
     return arg
 
 
-def one_state_row_update(types: Any) -> Callable[[Any, Context[None]], Awaitable[None]]:
+STATE_ROW_UPDATE = (
+    "INSERT INTO service_state (service_id, handled) VALUES ($1, 1)"
+    " ON CONFLICT (service_id) DO UPDATE SET handled = service_state.handled + 1"
+)
+
+
+def one_state_row_update(types: Any, *, awaited: bool = False) -> Callable[[Any, Context[None]], Awaitable[None]]:
     async def on_command(cmd: Any, ctx: Context[None]) -> None:
         # The state row of the command's service, as a real worker's handler updates it.
-        await ctx.db.execute(
-            "INSERT INTO service_state (service_id, handled) VALUES ($1, 1)"
-            " ON CONFLICT (service_id) DO UPDATE SET handled = service_state.handled + 1",
-            ctx.service_id or "",
-        )
+        if awaited:
+            await ctx.db.execute(STATE_ROW_UPDATE, ctx.service_id or "")
+        else:
+            ctx.write_at_commit(STATE_ROW_UPDATE, ctx.service_id or "")
         await ctx.emit(types.ProbeDone(n=cmd.n))
 
     return on_command
 
 
 async def palisade_worker(
-    name: str, amqp_url: str, database_url: str, *, probe_handler: bool = False, group_commit: bool = True
+    name: str,
+    amqp_url: str,
+    database_url: str,
+    *,
+    probe_handler: bool = False,
+    group_commit: bool = True,
+    awaited_write: bool = False,
 ) -> None:
     """The probe worker under the real runtime, started with its consumer cancelled."""
     spec, types = probe_spec(name)
     if not probe_handler:
-        spec = dataclasses.replace(spec, handlers={**spec.handlers, types.ProbeCommand: one_state_row_update(types)})
+        handler = one_state_row_update(types, awaited=awaited_write)
+        spec = dataclasses.replace(spec, handlers={**spec.handlers, types.ProbeCommand: handler})
     # Its handler only touches the database, like the lifecycle worker's, which group-commits too.
     spec = dataclasses.replace(spec, group_commit=group_commit)
     # Everything else (prefetch, pool size, outbox batch) comes from PALISADE_* or the defaults.
@@ -266,6 +280,7 @@ class WorkerProc:
             str(self._args.prefetch),
             *(["--probe-handler"] if self._args.probe_handler else []),
             *(["--per-message"] if self._args.per_message else []),
+            *(["--awaited-write"] if self._args.awaited_write else []),
         ]
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=REPO
@@ -1011,6 +1026,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="(b) runs the test probe's handler (failure switch read + effect row + state row)",
     )
     p.add_argument(
+        "--awaited-write",
+        action="store_true",
+        help="(b)'s handler awaits its state-row update (ctx.db.execute) instead of leaving it for the COMMIT",
+    )
+    p.add_argument(
         "--worker-nice",
         type=int,
         default=0,
@@ -1032,6 +1052,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.amqp_url,
                 args.database_url,
                 probe_handler=args.probe_handler,
+                awaited_write=args.awaited_write,
                 group_commit=not args.per_message,
             )
         )

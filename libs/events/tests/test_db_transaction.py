@@ -137,3 +137,48 @@ async def test_a_mark_marks_its_rows_alone_and_leaves_commits_durable(conn: asyn
     # connection commits next (a handler's effects) still waits for the WAL flush.
     assert await conn.fetchval("SHOW synchronous_commit") == "on"
     assert not conn.is_in_transaction()
+
+
+def test_writes_run_in_order_and_only_neighbours_with_the_same_sql_share_a_run() -> None:
+    a, b = "INSERT INTO t VALUES ($1)", "DELETE FROM t WHERE k = $1"
+    writes: list[db.Write] = [(a, ("1",)), (a, ("2",)), (b, ("1",)), (a, ("3",)), (a, ("1",))]
+    assert db.runs_of_writes(writes) == [(a, [("1",), ("2",)]), (b, [("1",)]), (a, [("3",), ("1",)])]
+    assert db.runs_of_writes([]) == []
+
+
+class Recording:
+    """The connection, with a note of each call `send_writes` made on it."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.calls: list[tuple[str, int]] = []
+
+    async def execute(self, sql: str, *args: object) -> str:
+        self.calls.append(("execute", 1))
+        return await self.conn.execute(sql, *args)
+
+    async def executemany(self, sql: str, args: list[tuple[object, ...]]) -> None:
+        self.calls.append(("executemany", len(args)))
+        await self.conn.executemany(sql, args)
+
+
+async def test_a_run_of_writes_is_one_executemany_and_the_order_holds(conn: asyncpg.Connection) -> None:
+    ins, dele = "INSERT INTO t VALUES ($1)", "DELETE FROM t WHERE k = $1"
+    recording = Recording(conn)
+    async with db.transaction_opened_by(conn, "INSERT INTO t VALUES ('x')"):
+        # Deleting 'a' only works after it was inserted, and inserting it again after that:
+        # any other order leaves a different table (or fails on the key).
+        await db.send_writes(recording, [(ins, ("a",)), (ins, ("b",)), (dele, ("a",)), (ins, ("a",)), (ins, ("c",))])  # type: ignore[arg-type]
+    assert await keys(conn) == ["a", "b", "c", "x"]
+    assert recording.calls == [("executemany", 2), ("execute", 1), ("executemany", 2)]
+
+
+async def test_a_failing_write_raises_and_its_transaction_rolls_back(conn: asyncpg.Connection) -> None:
+    async def duplicate() -> None:
+        async with db.transaction_opened_by(conn, "INSERT INTO t VALUES ('x')"):
+            await db.send_writes(conn, [("INSERT INTO t VALUES ($1)", ("a",)), ("INSERT INTO t VALUES ($1)", ("a",))])
+
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await duplicate()
+    assert not conn.is_in_transaction()
+    assert await keys(conn) == []

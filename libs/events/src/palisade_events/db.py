@@ -66,6 +66,31 @@ async def _keep_session(_: asyncpg.Connection) -> None:
     return None
 
 
+# A write a handler left for its transaction's end (Context.write_at_commit): SQL and arguments.
+Write = tuple[str, tuple[object, ...]]
+
+
+def runs_of_writes(writes: Sequence[Write]) -> list[tuple[str, list[tuple[object, ...]]]]:
+    """The writes in order, each run of consecutive ones with the same SQL as one entry."""
+    runs: list[tuple[str, list[tuple[object, ...]]]] = []
+    for sql, args in writes:
+        if runs and runs[-1][0] == sql:
+            runs[-1][1].append(args)
+        else:
+            runs.append((sql, [args]))
+    return runs
+
+
+async def send_writes(conn: Connection, writes: Sequence[Write]) -> None:
+    """Run the writes in order, a run of the same statement in one round trip: asyncpg's
+    `executemany` sends every Bind/Execute before a single Sync. Raises what a write raises."""
+    for sql, arg_sets in runs_of_writes(writes):
+        if len(arg_sets) == 1:
+            await conn.execute(sql, *arg_sets[0])
+        else:
+            await conn.executemany(sql, arg_sets)
+
+
 class RolledBackError(RuntimeError):
     """COMMIT found the transaction aborted (a statement in it had failed and its error was
     swallowed): PostgreSQL rolled it back instead."""

@@ -34,6 +34,7 @@ from .amqp import Publisher, PublishError, connect
 from .audit import AuditRecord, Outcome
 from .clock import Clock
 from .contract import METRICS_PORTS
+from .db import Write as PendingWrite
 from .errors import PermanentError, Rejected
 from .group_commit import GroupCommit
 from .messages import (
@@ -93,6 +94,7 @@ class Context(Generic[D]):
         self._pending_rows: list[outbox.OutboxRow] = []
         self._written: list[outbox.OutboxRow] = []
         self._after_commit: list[Callable[[], None]] = []
+        self._writes: list[PendingWrite] = []
 
     async def _flush_outbox(self) -> None:
         """Write the transaction's events and audit records (called just before commit)."""
@@ -107,6 +109,20 @@ class Context(Generic[D]):
             tx.closing = outbox.insert_statement(rows)
         self._written.extend(rows)
 
+    def write_at_commit(self, sql: str, *args: object) -> None:
+        """A write the handler needs no answer from, sent when the handler has returned, just
+        before the transaction's outbox rows and COMMIT, in the order written: no round trip of
+        its own while the handler runs. Under group commit the batch's writes go together, a
+        run of the same statement in one round trip, so a state-row update costs a batch one
+        round trip instead of one per message. What the handler (or, in a batch, a later
+        message's handler) reads does not see it yet: for a write nothing after it in the batch
+        reads. Should it fail, the message fails as if the handler had raised."""
+        self._writes.append((sql, args))
+
+    async def _send_writes(self) -> None:
+        writes, self._writes = self._writes, []
+        await db.send_writes(self.db, writes)
+
     def _take_written(self) -> list[outbox.OutboxRow]:
         """The outbox rows of the committed transaction, for the relay to publish at once."""
         written, self._written = self._written, []
@@ -116,6 +132,7 @@ class Context(Generic[D]):
         """The transaction rolled back: what it emitted never happened (after-commit callbacks stay)."""
         self.emitted.clear()
         self._audits.clear()
+        self._writes.clear()
         self._pending_rows.clear()
         self._written.clear()
 
@@ -461,6 +478,7 @@ class WorkerRuntime(Generic[D]):
             ctx: Context[D] = Context(worker=self.name, db=conn, clock=self.clock, deps=self.deps, envelope=envelope)
             async with conn.transaction():
                 yield ctx
+                await ctx._send_writes()
                 await ctx._flush_outbox()
         ctx._run_after_commit()
         await self.relay.publish_committed(ctx._take_written())
@@ -594,6 +612,7 @@ class WorkerRuntime(Generic[D]):
                     if tx.status == "INSERT 0 0":
                         return "duplicate", None
                     reply = await self._decide(handler, env, ctx)
+                    await ctx._send_writes()
                     ctx._close_with_outbox(tx)
                 outcome = "handled"
             except Rejected as rej:
@@ -636,6 +655,8 @@ class WorkerRuntime(Generic[D]):
                     otel_context.detach(token)
                 contexts.append(ctx)
                 decided.append(("handled", reply))
+            # The batch's writes in message order, one round trip per run of the same statement.
+            await db.send_writes(conn, [w for ctx in contexts for w in ctx._writes])
             written = [row for ctx in contexts for row in ctx._pending_rows]
             if written:
                 tx.closing = outbox.insert_statement(written)

@@ -28,13 +28,13 @@ def _service_id(ctx: Ctx) -> str:
 
 
 async def service_provisioned(evt: platform.ServiceProvisioned, ctx: Ctx) -> None:
-    await store.upsert_service(ctx.db, evt.service_id, evt.name, evt.account_id, ctx.now())
+    store.upsert_service(ctx, evt.service_id, evt.name, evt.account_id, ctx.now())
 
 
 async def service_deprovisioned(evt: platform.ServiceDeprovisioned, ctx: Ctx) -> None:
     # The row stays: restores of retained backups remain possible during the grace period.
     if await store.lock_service(ctx.db, evt.service_id) is not None:
-        await store.set_state(ctx.db, evt.service_id, "deprovisioned", ctx.now())
+        store.set_state(ctx, evt.service_id, "deprovisioned", ctx.now())
 
 
 # ------------------------------------------------------------ protection
@@ -53,7 +53,7 @@ async def _set_protection(ctx: Ctx, on: bool) -> None:
     reason = domain.refuse_protection_change(service)
     if reason is not None:
         raise _reject(ctx, reason, lc.TerminationProtectionChangeRejected(reason=reason))
-    await store.set_protection(ctx.db, _service_id(ctx), on, ctx.now())
+    store.set_protection(ctx, _service_id(ctx), on, ctx.now())
     await ctx.emit(lc.TerminationProtectionEnabled() if on else lc.TerminationProtectionDisabled())
     ctx.after_commit(lambda: PROTECTED_SERVICES.inc(1 if on else -1))
 
@@ -96,13 +96,13 @@ async def delete_requested(cmd: lc.ServiceDeleteRequested, ctx: Ctx) -> None:
     ctx.audit_detail.update(keep_backup=cmd.keep_backup, deletion_id=str(deletion_id))
     if cmd.keep_backup:
         await store.start_deletion(ctx.db, deletion_id, service_id, True, now, "awaiting_backup")
-        await store.set_state(ctx.db, service_id, "deleting", now)
+        store.set_state(ctx, service_id, "deleting", now)
         await ctx.emit(lc.BackupRequested(request_id=deletion_id))
         return
     # Opted out: "both the service and all backups will be permanently deleted with immediate effect".
     await store.start_deletion(ctx.db, deletion_id, service_id, False, now, "approved")
     await _purge_all(ctx, service_id, "deleted_without_backup")
-    await store.set_state(ctx.db, service_id, "terminated", now)
+    store.set_state(ctx, service_id, "terminated", now)
     await ctx.emit(lc.ServiceTerminationApproved(deletion_id=deletion_id))
 
 
@@ -130,7 +130,7 @@ async def backup_completed(evt: backup.BackupCompleted, ctx: Ctx) -> None:
     await store.retain_backup(ctx.db, evt.backup_id, evt.service_id, purge_at)
     await store.approve_deletion(ctx.db, evt.request_id, evt.backup_id, now)
     await _purge_all(ctx, evt.service_id, "deleted_with_service", keep=evt.backup_id)
-    await store.set_state(ctx.db, evt.service_id, "terminated", now)
+    store.set_state(ctx, evt.service_id, "terminated", now)
     await ctx.emit(
         lc.ServiceTerminationApproved(deletion_id=evt.request_id, backup_id=evt.backup_id), service_id=evt.service_id
     )
@@ -153,7 +153,7 @@ async def backup_failed(evt: backup.BackupFailed, ctx: Ctx) -> None:
 async def _halt(ctx: Ctx, deletion_id: uuid.UUID, service_id: str, reason: str, detail: str | None) -> None:
     """The service is never terminated without its backup: stop and say so."""
     await store.halt_deletion(ctx.db, deletion_id, reason)
-    await store.set_state(ctx.db, service_id, "active", ctx.now())
+    store.set_state(ctx, service_id, "active", ctx.now())
     await ctx.emit(
         lc.ServiceDeletionHalted(deletion_id=deletion_id, reason=reason, detail=detail), service_id=service_id
     )
