@@ -916,7 +916,12 @@ async def bench(args: argparse.Namespace) -> int:
     print(
         f"  work queues: quorum; prefetch {args.prefetch} (RuntimeSettings().prefetch); "
         f"group commit {'off (--per-message)' if args.per_message else 'on'}; "
-        f"N = {args.count} commands; warm-up {args.warmup}; database {args.database_url.rsplit('/', 1)[-1]}"
+        + (
+            "the test probe's handler (--probe-handler); "
+            if args.probe_handler
+            else f"state-row update {'awaited (--awaited-write)' if args.awaited_write else 'at commit'}; "
+        )
+        + f"N = {args.count} commands; warm-up {args.warmup}; database {args.database_url.rsplit('/', 1)[-1]}"
         + (f"; both workers at nice {args.worker_nice} (--worker-nice)" if args.worker_nice else "")
     )
     print(

@@ -318,19 +318,19 @@ class OutboxRelay:
         return list(await self._publisher.publish_many([_outgoing(w) for w in rows]))
 
     async def _publish(self, row: OutboxRow) -> None:
-        headers = json.loads(row.headers)
+        out = _outgoing(row)
         # The row's trace is made current for the publish span alone; without a tracer provider
         # there is none, and the stored headers carry the trace on by themselves.
-        token = otel_context.attach(extract_context(headers)) if tracing_on() else None
+        token = otel_context.attach(extract_context(out.headers)) if tracing_on() else None
         try:
             await self._publisher.publish_raw(
-                row.exchange,
-                row.routing_key,
-                row.body,
-                message_id=str(row.message_id),
-                message_type=row.message_type,
-                correlation_id=str(row.correlation_id) if row.correlation_id else None,
-                headers=headers,
+                out.exchange,
+                out.routing_key,
+                out.body,
+                message_id=out.message_id,
+                message_type=out.message_type,
+                correlation_id=out.correlation_id,
+                headers=out.headers,
             )
         finally:
             if token is not None:
@@ -348,6 +348,7 @@ class OutboxRelay:
 
 
 def _outgoing(row: OutboxRow) -> Outgoing:
+    """What the broker gets of a row, for `publish_many` and, one at a time, `publish_raw`."""
     return Outgoing(
         row.exchange,
         row.routing_key,
