@@ -17,6 +17,11 @@
 Both workers run in their own process (the load generator does not share their event
 loop), with the runtime's prefetch, and are driven over stdin (`resume`/`pause`/`stop`).
 
+(0) floor: no worker at all. The collector takes the commands straight from a quorum queue
+    of their own, at the latency run's rate. What is left is what every worker's latency
+    includes and cannot go under: the load generator, the broker's quorum queue and the
+    collector, and the share of the two cores they take at that rate. `--no-floor` skips it.
+
 Throughput: N commands are published (with confirms) into the worker's queue while its
 consumer is cancelled; then the consumer is started and the time until the N-th event
 reached a collector queue is measured. That is the worker's drain rate: the load
@@ -245,6 +250,16 @@ async def raw_worker(name: str, amqp_url: str, prefetch: int) -> None:
         await _control_loop({"resume": resume, "pause": pause})
     finally:
         await connection.close()
+
+
+async def no_worker() -> None:
+    """The floor's stand-in: a process that answers the driver and does nothing, so the floor
+    runs through the same driver as the workers (the collector consumes the commands itself)."""
+
+    async def nothing() -> str:
+        return ""
+
+    await _control_loop({"resume": nothing, "pause": nothing})
 
 
 # =====================================================================  the load generator
@@ -636,7 +651,7 @@ class Driver:
     ) -> None:
         self.args = args
         self.kind = kind
-        self.name = f"bench-{'raw' if kind == 'raw' else 'rt'}-{uuid.uuid4().hex[:8]}"
+        self.name = f"bench-{'rt' if kind == 'palisade' else kind}-{uuid.uuid4().hex[:8]}"
         self.types = probe_types(self.name)
         self.channel = channel
         self.commands = commands
@@ -657,8 +672,16 @@ class Driver:
         return encode(new_envelope(command(n=n), service_id=f"svc-{n % 64}"))
 
     async def setup(self) -> None:
-        q = await self.channel.declare_queue(f"bench.collector.{self.name}", exclusive=True, auto_delete=True)
-        await q.bind(EVENTS_EXCHANGE, self.types.ProbeDone.routing_key())
+        if self.kind == "floor":
+            # The commands themselves, from a quorum queue as the workers' (auto-ack: nothing
+            # else is done with them).
+            q = await self.channel.declare_queue(
+                work_queue(self.name), durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await q.bind(COMMANDS_EXCHANGE, self.types.ProbeCommand.routing_key())
+        else:
+            q = await self.channel.declare_queue(f"bench.collector.{self.name}", exclusive=True, auto_delete=True)
+            await q.bind(EVENTS_EXCHANGE, self.types.ProbeDone.routing_key())
         self.collector_tag = await q.consume(self.collector.on_message, no_ack=True)
         self.collector_queue = q
         await self.worker.start()
@@ -935,13 +958,17 @@ async def bench(args: argparse.Namespace) -> int:
     drivers: list[Driver] = []
     tp_raw: Throughput | None = None
     lat_raw: Latency | None = None
+    lat_floor: Latency | None = None
     try:
         commands = await Publisher.open(connection)
         channel = await connection.channel()
         await declare_exchanges(channel)
         raw = Driver(args, "raw", channel, commands, counter)
         rt = Driver(args, "palisade", channel, commands, counter)
+        floor = Driver(args, "floor", channel, commands, counter)
         drivers = [rt] if args.palisade_only else [raw, rt]
+        if not args.no_floor:
+            drivers.append(floor)
         for d in drivers:
             await d.setup()
         for d in drivers:
@@ -953,6 +980,8 @@ async def bench(args: argparse.Namespace) -> int:
         lat_rt = await rt.latency(rate, args.seconds)
         if not args.palisade_only and not args.no_raw_latency:
             lat_raw = await raw.latency(rate, args.seconds)
+        if not args.no_floor:
+            lat_floor = await floor.latency(rate, args.seconds)
     finally:
         for d in drivers:
             try:
@@ -984,6 +1013,12 @@ async def bench(args: argparse.Namespace) -> int:
     if lat_raw is not None:
         print(_fmt_lat("(a) raw, same rate", lat_raw))
         print(_fmt_slow(lat_raw))
+    if lat_floor is not None:
+        print(_fmt_lat("(0) floor, same rate", lat_floor))
+        print(
+            f"{'':26}(no worker: load generator -> quorum queue -> collector; the machine's busy share here"
+            " is taken before any worker runs)"
+        )
     print()
     if tp_raw is not None:
         ok_ratio = ratio >= RATIO_TARGET and tp_raw.complete and tp_rt.complete
@@ -1006,6 +1041,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=0.0, help="latency run rate; default 0.5 x (b) throughput")
     p.add_argument("--palisade-only", action="store_true", help="measure (b) only (runtime experiments)")
     p.add_argument("--no-raw-latency", action="store_true", help="skip the reference latency run of (a)")
+    p.add_argument("--no-floor", action="store_true", help="skip the latency run of (0), the floor without a worker")
     p.add_argument("--amqp-url", default=os.environ.get("PALISADE_AMQP_URL", DEFAULT_AMQP))
     p.add_argument("--database-url", default=os.environ.get("PALISADE_BENCH_DATABASE_URL", DEFAULT_DB))
     p.add_argument("--prefetch", type=int, default=RuntimeSettings().prefetch, help=argparse.SUPPRESS)
@@ -1043,7 +1079,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run both workers at this nice value (e.g. -10: ahead of the load generator and the collector,"
         " which stand in for other machines; the default 0 shares the two cores evenly)",
     )
-    p.add_argument("--worker", choices=("raw", "palisade"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("raw", "palisade", "floor"), help=argparse.SUPPRESS)
     p.add_argument("--name", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1064,6 +1100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.worker == "raw":
         uvloop.run(raw_worker(args.name, args.amqp_url, args.prefetch))
+        return 0
+    if args.worker == "floor":
+        uvloop.run(no_worker())
         return 0
     if args.dump:
         Path(args.dump).mkdir(parents=True, exist_ok=True)
