@@ -824,7 +824,7 @@ class Driver:
             names += [retry_queue(self.name, d) for d in RuntimeSettings().retry_delays]
         if self.collector_queue is not None:
             names.append(self.collector_queue.name)
-        for q in names:
+        for q in dict.fromkeys(names):  # the floor's collector queue is its work queue
             with contextlib.suppress(Exception):
                 await channel.queue_delete(q)
         if self.kind == "palisade":

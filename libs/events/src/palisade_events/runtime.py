@@ -34,7 +34,7 @@ from .amqp import Publisher, PublishError, connect
 from .audit import AuditRecord, Outcome
 from .clock import Clock
 from .contract import METRICS_PORTS
-from .db import Write as PendingWrite
+from .db import Write as PendingWrite  # `db` inside Context.__init__ is its connection
 from .errors import PermanentError, Rejected
 from .group_commit import GroupCommit
 from .messages import (
