@@ -38,10 +38,13 @@ latency = command publish -> event received by the collector. Each run also prin
 per message of the worker, PostgreSQL, RabbitMQ and the load generator: at a steady rate
 every part costs more per message than in a drain (fewer messages share each wake-up).
 
-The load generator publishes each command as other systems do, with Palisade's own client
-(`palisade_events.amqp.Publisher`, which `palisade publish` and the workers use: persistent,
-mandatory, confirmed). Until 2026-12 it used aio-pika's `Message` and `Exchange.publish`,
-which cost the load generator ~0.05 ms more CPU per command, on the cores the workers use.
+The load generator publishes each command as `palisade_events.amqp.Publisher` does (the
+frames `palisade publish` and the workers send: persistent, mandatory, confirmed), and the
+collector consumes every arm's events, over one lean connection (bench/lean_amqp.py): they
+stand in for other machines but run on the two cores the workers use, and through Publisher
+and an aio-pika consumer they took 0.32-0.38 ms of CPU per message at the latency run's rate,
+against 0.14-0.18 ms now. Since 2026-12-05; the drain rates measured before that were lower
+(the collector's share of the machine bounded them too), and the latency rate with them.
 
 Run from the repository root:  .venv/bin/python bench/bus.py [--count 5000]
 """
@@ -78,13 +81,13 @@ import uvloop  # noqa: E402  (both workers on the loop `palisade run` uses)
 from aio_pika.abc import (  # noqa: E402
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
     DeliveryMode,
 )
 
+from bench.lean_amqp import LeanAmqp, LeanAmqpError  # noqa: E402
 from bench.procfs import CLK_TCK, machine_ticks, pids, process_ticks, runqueue_wait_ms, server_of  # noqa: E402
 from palisade_events import Context, RuntimeSettings, WorkerRuntime, new_envelope  # noqa: E402
-from palisade_events.amqp import Publisher, connect  # noqa: E402
+from palisade_events.amqp import connect  # noqa: E402
 from palisade_events.db import schema_name  # noqa: E402
 from palisade_events.messages import encode  # noqa: E402
 from palisade_events.runtime import freeze_startup_heap  # noqa: E402
@@ -362,9 +365,9 @@ class Collector:
         self.duplicates = 0
         self._done = asyncio.Event()
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
+    def on_body(self, body: bytes) -> None:
         now = time.perf_counter()
-        n = json.loads(message.body)["payload"]["n"]
+        n = json.loads(body)["payload"]["n"]
         if n not in self.expected:
             return
         if n in self.arrived:
@@ -619,23 +622,19 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     return sorted_values[k]
 
 
-async def _publish_all(publisher: Publisher, routing_key: str, bodies: Sequence[bytes], window: int) -> None:
-    """Publish with confirms, `window` in flight at a time."""
-    sem = asyncio.Semaphore(window)
-
-    async def one(body: bytes) -> None:
-        async with sem:
-            await _publish_command(publisher, routing_key, body)
-
-    await asyncio.gather(*(one(b) for b in bodies))
-
-
-async def _publish_command(publisher: Publisher, routing_key: str, body: bytes) -> None:
-    """One command, as another system publishes it with Palisade's client (`palisade publish`
-    and the workers use the same Publisher): persistent, mandatory, confirmed."""
-    await publisher.publish_raw(
-        COMMANDS_EXCHANGE, routing_key, body, message_id=str(uuid.uuid4()), message_type="ProbeCommand", headers={}
+def _prepare_command(client: LeanAmqp, routing_key: str, body: bytes) -> bytes:
+    """One command's frames, as another system publishes it with Palisade's `Publisher`:
+    persistent, mandatory, confirmed (bench/lean_amqp.py)."""
+    return client.prepare(
+        COMMANDS_EXCHANGE, routing_key, body, message_id=str(uuid.uuid4()), message_type="ProbeCommand"
     )
+
+
+async def _publish_all(client: LeanAmqp, routing_key: str, bodies: Sequence[bytes]) -> None:
+    """Publish them all and wait for the broker's confirms."""
+    for body in bodies:
+        client.publish(_prepare_command(client, routing_key, body))
+    await client.confirmed(timeout=60)
 
 
 class Driver:
@@ -646,7 +645,7 @@ class Driver:
         args: argparse.Namespace,
         kind: str,
         channel: AbstractChannel,
-        commands: Publisher,
+        client: LeanAmqp,
         counter: list[int],
     ) -> None:
         self.args = args
@@ -654,11 +653,9 @@ class Driver:
         self.name = f"bench-{'rt' if kind == 'palisade' else kind}-{uuid.uuid4().hex[:8]}"
         self.types = probe_types(self.name)
         self.channel = channel
-        self.commands = commands
+        self.client = client
         self.counter = counter
         self.collector = Collector()
-        self.collector_queue: AbstractQueue | None = None
-        self.collector_tag = ""
         self.worker = WorkerProc(kind, self.name, args)
 
     def numbers(self, count: int) -> list[int]:
@@ -679,18 +676,19 @@ class Driver:
                 work_queue(self.name), durable=True, arguments={"x-queue-type": "quorum"}
             )
             await q.bind(COMMANDS_EXCHANGE, self.types.ProbeCommand.routing_key())
+            collect_from = q.name
         else:
-            q = await self.channel.declare_queue(f"bench.collector.{self.name}", exclusive=True, auto_delete=True)
-            await q.bind(EVENTS_EXCHANGE, self.types.ProbeDone.routing_key())
-        self.collector_tag = await q.consume(self.collector.on_message, no_ack=True)
-        self.collector_queue = q
+            # Exclusive to the load generator's connection: it goes when that closes.
+            collect_from = f"bench.collector.{self.name}"
+            await self.client.declare_bound_queue(collect_from, EVENTS_EXCHANGE, self.types.ProbeDone.routing_key())
+        await self.client.consume(collect_from, self.collector.on_body)
         await self.worker.start()
 
     async def warm_up(self, count: int) -> None:
         ns = self.numbers(count)
         self.collector.expect(ns)
         await self.worker.call("resume")
-        await _publish_all(self.commands, self.types.ProbeCommand.routing_key(), [self.body(n) for n in ns], 200)
+        await _publish_all(self.client, self.types.ProbeCommand.routing_key(), [self.body(n) for n in ns])
         if not await self.collector.wait(60):
             raise RuntimeError(f"{self.kind}: warm-up events missing ({len(self.collector.arrived)}/{count})")
         await self.worker.call("pause")
@@ -700,7 +698,7 @@ class Driver:
         ns = self.numbers(count)
         bodies = [self.body(n) for n in ns]
         self.collector.expect(ns)
-        await _publish_all(self.commands, self.types.ProbeCommand.routing_key(), bodies, 500)
+        await _publish_all(self.client, self.types.ProbeCommand.routing_key(), bodies)
         await settle_database(self.args.database_url)
         await asyncio.sleep(0.3)  # publishing is done and confirmed; let the broker go quiet
         background = await background_busy(self.args.quiet)
@@ -736,19 +734,12 @@ class Driver:
     async def latency(self, rate: float, seconds: float) -> Latency:
         count = max(1, round(rate * seconds))
         ns = self.numbers(count)
-        bodies = {n: self.body(n) for n in ns}
+        key = self.types.ProbeCommand.routing_key()
+        # Encoded before the clock starts: the run only writes each command's frames when it is due.
+        prepared = [_prepare_command(self.client, key, self.body(n)) for n in ns]
         self.collector.expect(ns)
         sent: dict[int, float] = {}
-        key = self.types.ProbeCommand.routing_key()
-        tasks: set[asyncio.Task[None]] = set()
         errors: list[BaseException] = []
-
-        async def send(n: int) -> None:
-            sent[n] = time.perf_counter()
-            try:
-                await _publish_command(self.commands, key, bodies[n])
-            except Exception as exc:  # noqa: BLE001 - counted and reported below
-                errors.append(exc)
 
         await settle_database(self.args.database_url)
         await self.worker.call("resume")
@@ -770,14 +761,15 @@ class Driver:
                 now = time.perf_counter()
                 due = min(count, int((now - start) * rate) + 1)
                 while i < due:
-                    t = asyncio.create_task(send(ns[i]))
-                    tasks.add(t)
-                    t.add_done_callback(tasks.discard)
+                    sent[ns[i]] = time.perf_counter()
+                    self.client.publish(prepared[i])
                     i += 1
                 await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
             last_send, busy1, _ = _machine_busy()
-            if tasks:
-                await asyncio.gather(*tasks)
+            try:
+                await self.client.confirmed(timeout=30)
+            except (LeanAmqpError, TimeoutError) as exc:
+                errors.append(exc)
             await self.collector.wait(30)
         finally:
             steal.stop()
@@ -788,7 +780,7 @@ class Driver:
         if self.args.profile:
             await self.worker.call(f"profile {Path(self.args.profile) / f'{self.kind}-latency.pstats'}")
         if errors:
-            print(f"  warning: {len(errors)} {self.kind} publishes failed, e.g. {errors[0]!r}", file=sys.stderr)
+            print(f"  warning: {self.kind} publishes failed: {errors[0]!r}", file=sys.stderr)
         series = [
             (sent[n] - start, (self.collector.arrived[n] - sent[n]) * 1000) for n in ns if n in self.collector.arrived
         ]
@@ -816,15 +808,11 @@ class Driver:
 
     async def cleanup(self, channel: AbstractChannel) -> None:
         await self.worker.stop()
-        if self.collector_queue is not None and self.collector_tag:
-            with contextlib.suppress(Exception):
-                await self.collector_queue.cancel(self.collector_tag)
+        # (The collector queues are the load generator's exclusive ones: they go with its connection.)
         names = [work_queue(self.name), dead_queue(self.name)]
         if self.kind == "palisade":
             names += [retry_queue(self.name, d) for d in RuntimeSettings().retry_delays]
-        if self.collector_queue is not None:
-            names.append(self.collector_queue.name)
-        for q in dict.fromkeys(names):  # the floor's collector queue is its work queue
+        for q in names:
             with contextlib.suppress(Exception):
                 await channel.queue_delete(q)
         if self.kind == "palisade":
@@ -959,13 +947,14 @@ async def bench(args: argparse.Namespace) -> int:
     tp_raw: Throughput | None = None
     lat_raw: Latency | None = None
     lat_floor: Latency | None = None
+    client: LeanAmqp | None = None
     try:
-        commands = await Publisher.open(connection)
         channel = await connection.channel()
         await declare_exchanges(channel)
-        raw = Driver(args, "raw", channel, commands, counter)
-        rt = Driver(args, "palisade", channel, commands, counter)
-        floor = Driver(args, "floor", channel, commands, counter)
+        client = await LeanAmqp.connect(args.amqp_url)
+        raw = Driver(args, "raw", channel, client, counter)
+        rt = Driver(args, "palisade", channel, client, counter)
+        floor = Driver(args, "floor", channel, client, counter)
         drivers = [rt] if args.palisade_only else [raw, rt]
         if not args.no_floor:
             drivers.append(floor)
@@ -988,6 +977,8 @@ async def bench(args: argparse.Namespace) -> int:
                 await d.cleanup(channel)
             except Exception as exc:  # noqa: BLE001 - cleanup is best effort
                 print(f"cleanup of {d.name} failed: {exc!r}", file=sys.stderr)
+        if client is not None:
+            client.close()
         await connection.close()
 
     print()
