@@ -63,13 +63,14 @@ class LeanAmqp(asyncio.Protocol):
     # ----------------------------------------------------------------  setting up
 
     @classmethod
-    async def connect(cls, url: str) -> LeanAmqp:
+    async def connect(cls, url: str, timeout: float = 10.0) -> LeanAmqp:
         parsed = URL(url)
         conn = cls(parsed)
         opened = conn._expect(0, commands.Connection.OpenOk)
         loop = asyncio.get_running_loop()
-        await loop.create_connection(lambda: conn, parsed.host or "127.0.0.1", parsed.port or 5672)
-        await opened
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(lambda: conn, parsed.host or "127.0.0.1", parsed.port or 5672)
+            await opened  # a refused login closes the connection: connection_lost fails this wait
         await conn._rpc(PUBLISH_CHANNEL, commands.Channel.Open(), commands.Channel.OpenOk)
         await conn._rpc(PUBLISH_CHANNEL, commands.Confirm.Select(), commands.Confirm.SelectOk)
         return conn

@@ -89,6 +89,11 @@ async def test_an_unroutable_publish_is_reported_and_not_delivered(exchange: str
         client.close()
 
 
+async def test_a_refused_login_fails_the_connect() -> None:
+    with pytest.raises(LeanAmqpError, match="connection lost"):
+        await LeanAmqp.connect(AMQP_URL.replace("guest:guest", "guest:wrong"))
+
+
 async def test_a_channel_closed_by_the_broker_fails_the_waits_and_later_publishes() -> None:
     client = await LeanAmqp.connect(AMQP_URL)
     try:
