@@ -656,6 +656,7 @@ class Driver:
         self.client = client
         self.counter = counter
         self.collector = Collector()
+        self.sent_at: dict[int, float] = {}
         self.worker = WorkerProc(kind, self.name, args)
 
     def numbers(self, count: int) -> list[int]:
@@ -739,6 +740,7 @@ class Driver:
         prepared = [_prepare_command(self.client, key, self.body(n)) for n in ns]
         self.collector.expect(ns)
         sent: dict[int, float] = {}
+        self.sent_at = sent  # perf_counter() per command (bench/latency_segments.py)
         errors: list[BaseException] = []
 
         await settle_database(self.args.database_url)

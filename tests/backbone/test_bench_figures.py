@@ -19,6 +19,7 @@ from bench.bus import (
     unstolen_latencies,
     wal_segments_created,
 )
+from bench.latency_segments import STAGES, report, segment_ms
 from tests.fixtures import DATABASE_URL
 
 TICK_MS = 1000 / CLK_TCK
@@ -107,3 +108,24 @@ async def test_the_wal_sample_follows_the_server_into_its_next_segment() -> None
     assert before.wal_ready >= 0
     assert after.wal_segment >= before.wal_segment + 1  # (more only if other sessions wrote 16 MB meanwhile)
     assert after.commits > before.commits
+
+
+def test_latency_segments_per_command_and_the_slowest_percent() -> None:
+    # 200 commands, each 1 ms per stage, except command 7, whose batch waited 30 ms.
+    sent = {n: float(n) for n in range(200)}
+    stamps = {stage: {n: n + (k + 1) / 1000 for n in range(200)} for k, stage in enumerate(STAGES)}
+    for stage in ("handler", "committed", "confirmed"):
+        stamps[stage][7] += 0.030
+    arrived = {n: stamps["committed"][n] + 0.0005 for n in range(200)}
+    del stamps["confirmed"][9]  # handled alone: no batch stamps
+    segments, incomplete = segment_ms(sent, arrived, stamps)
+    assert incomplete == 1
+    assert len(segments["total (send -> arrived)"]) == 199
+    assert sorted(segments["delivered -> handler"])[-1] == pytest.approx(31.0)
+    assert sorted(segments["committed -> arrived"]) == pytest.approx([0.5] * 199)
+    text = report(segments, incomplete)
+    # The slowest 1 % (one command here) is command 7: 30 ms more waiting for its batch.
+    row = text.splitlines()[2].split()
+    assert row[:3] == ["delivered", "->", "handler"]
+    assert row[-1] == "31.00"
+    assert "199 commands had every stamp, 1 went alone" in text
