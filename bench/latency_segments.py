@@ -35,7 +35,6 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 from bench import bus  # noqa: E402
-from bench.bus import percentile  # noqa: E402
 from palisade_events import WorkerRuntime  # noqa: E402
 
 STAMPS_ENV = "PALISADE_BENCH_STAMPS"
@@ -69,8 +68,8 @@ def report(segments: Mapping[str, Sequence[float]], incomplete: int) -> str:
         ordered = sorted(values)
         mean_slowest = sum(values[i] for i in slowest) / len(slowest)
         lines.append(
-            f"  {name:<26} {percentile(ordered, 50):7.2f} {percentile(ordered, 90):7.2f}"
-            f" {percentile(ordered, 99):7.2f}  {mean_slowest:11.2f}"
+            f"  {name:<26} {bus.percentile(ordered, 50):7.2f} {bus.percentile(ordered, 90):7.2f}"
+            f" {bus.percentile(ordered, 99):7.2f}  {mean_slowest:11.2f}"
         )
     lines.append(
         f"  (slowest 1 %: each segment's mean over the 1 % of commands with the longest total;"
